@@ -1,0 +1,3 @@
+from .prefix_attention import prefix_attention
+
+__all__ = ["prefix_attention"]

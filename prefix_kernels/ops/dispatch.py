@@ -1,0 +1,55 @@
+"""The one place that picks the backend of `prefix_attention`: "torch", "triton" or "cuda"."""
+
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "PREFIX_KERNELS_BACKEND"
+
+
+def _triton_runnable(device: torch.device) -> str | None:
+    """None if the Triton kernels can run on `device`, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'prefix_kernels[triton]')"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 set before import"
+
+
+def _kernel(name: str):
+    if name == "torch":
+        from .reference import torch_prefix_attention
+
+        return torch_prefix_attention
+    from . import triton_prefix_attention
+
+    return triton_prefix_attention.triton_prefix_attention
+
+
+def select_backend(requested: str | None, device: torch.device):
+    """Return the backend function for `requested` (None = automatic) on `device`, or raise why it can't run."""
+    name = requested if requested is not None else os.environ.get(ENV_VAR) or None
+    source = "backend" if requested is not None else ENV_VAR
+    if name is None:
+        name = "triton" if device.type == "cuda" and _triton_runnable(device) is None and _has_triton_kernel() else "torch"
+        return _kernel(name)
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
+    if name == "triton":
+        why = _triton_runnable(device) or (None if _has_triton_kernel() else "the Triton kernel is not built yet")
+        if why:
+            raise RuntimeError(f"{source}='triton' cannot run here: {why}")
+    if name == "cuda":
+        raise RuntimeError(f"{source}='cuda' cannot run here: the CUDA C++ backend is not available yet")
+    return _kernel(name)
+
+
+def _has_triton_kernel() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(f"{__package__}.triton_prefix_attention") is not None

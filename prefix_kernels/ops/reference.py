@@ -1,0 +1,196 @@
+"""Prefix attention in pure PyTorch: the CPU fallback, and the backend any device can run.
+
+Attention over `[prefix ; sequence]` is split into two attentions that share one softmax. Each part yields
+an output and its log-sum-exp (LSE); the two are merged by their LSE weights. The prefix part is a small
+matmul against `[Hkv, P, D]` (a shared prefix is read once for the whole batch by folding the batch into the
+query rows, never expanded per row). The sequence part is, on CPU, PyTorch's fused flash kernel, or, for short
+queries and other devices, plain matmuls. Keys and values are never concatenated.
+
+Backward (CPU flash path) uses the FlashAttention identity: given the *merged* output O and LSE, the flash
+kernel's backward yields exactly the sequence keys' share of dQ together with dK and dV; the prefix's share
+is computed here with the same formula, `dS = P * (dP - rowsum(dO * O))`.
+"""
+
+import torch
+
+from .validate import AttentionProblem
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Below this many query rows per KV head (Hq / Hkv * Sq), matmuls beat the flash kernel (decode steps).
+_FLASH_MIN_ROWS = 32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sequence_mask(p: AttentionProblem) -> torch.Tensor | None:
+    """bool `[B|1, 1|Hq, Sq, Skv]`: the user's mask with the bottom-right causal band, or None if all visible."""
+    sq, skv = p.q.shape[2], p.k.shape[2]
+    mask = p.mask
+    if p.causal and sq > 1:
+        rows = torch.arange(sq, device=p.q.device)[:, None] + (skv - sq)
+        band = torch.arange(skv, device=p.q.device)[None, :] <= rows  # [Sq, Skv]
+        mask = band if mask is None else mask & band
+    return mask
+
+
+def _grouped(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, Sq, X] -> [B, Hkv, G*Sq, X]: the query rows each KV head serves (repeat_kv order)."""
+    b, hq, sq = t.shape[:3]
+    return t.reshape(b, hkv, (hq // hkv) * sq, *t.shape[3:])
+
+
+def _fold(t: torch.Tensor, shared: bool) -> torch.Tensor:
+    """[B, Hkv, M, X] -> [Hkv, B*M, X] for a shared prefix, so one matmul reads it for every row."""
+    if not shared:
+        return t
+    b, h, m = t.shape[:3]
+    return t.transpose(0, 1).reshape(h, b * m, *t.shape[3:])
+
+
+def _unfold(t: torch.Tensor, shared: bool, batch: int) -> torch.Tensor:
+    if not shared:
+        return t
+    h, bm = t.shape[:2]
+    return t.reshape(h, batch, bm // batch, *t.shape[2:]).transpose(0, 1)
+
+
+def _rowwise_prefix(p: AttentionProblem, acc: torch.dtype):
+    """The prefix as the matmuls read it: [Hkv, P, D] when shared, else one [B, Hkv, P, D] per row."""
+    pk, pv = p.prefix_k.to(acc), p.prefix_v.to(acc)
+    if p.prefix_index is not None:
+        pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
+    return pk, pv
+
+
+def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
+    """Attention of grouped queries `[B, Hkv, M, D]` over the prefix alone: (o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`)."""
+    pk, pv = _rowwise_prefix(p, qg.dtype)
+    shared = p.shared_prefix
+    s = torch.matmul(_fold(qg, shared), pk.transpose(-1, -2)) * p.scale  # [.., rows, P]
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None])
+    o = torch.matmul(probs, pv)
+    return _unfold(o, shared, qg.shape[0]), _unfold(lse, shared, qg.shape[0])
+
+
+def _merge(o_seq, lse_seq, o_pre, lse_pre):
+    """Combine two partial attentions by their LSE; rows that see no key at all get o = 0, lse = -inf."""
+    lse = torch.logaddexp(lse_seq, lse_pre)
+    w_pre = torch.exp(lse_pre - lse).nan_to_num(0.0)[..., None]
+    return torch.lerp(o_seq, o_pre, w_pre), lse
+
+
+def _attend_matmul(p: AttentionProblem):
+    """Both parts with plain matmuls under autograd; best for few query rows (decode) and on any device."""
+    q, hkv = p.q, p.k.shape[1]
+    acc = _acc_dtype(q.dtype)
+    b, hq, sq, d = q.shape
+    qg = _grouped(q, hkv).to(acc)  # [B, Hkv, M, D]
+    s = torch.matmul(qg, p.k.to(acc).transpose(-1, -2)) * p.scale  # [B, Hkv, M, Skv]
+    mask = sequence_mask(p)
+    if mask is not None:
+        mask = mask.expand(b, hq, sq, -1) if mask.shape[1] == hq else mask.expand(b, 1, sq, -1)
+        s = s.view(b, hkv, hq // hkv, sq, -1).masked_fill(~_grouped_mask(mask, hkv), float("-inf")).view_as(s)
+    lse_seq = torch.logsumexp(s, dim=-1)
+    o_seq = torch.matmul(torch.exp(s - lse_seq.masked_fill(lse_seq.isinf(), 0.0)[..., None]), p.v.to(acc))
+    o_pre, lse_pre = _prefix_part(p, qg)
+    o, lse = _merge(o_seq, lse_seq, o_pre, lse_pre)
+    return o.reshape(b, hq, sq, d).to(q.dtype), lse.reshape(b, hq, sq).float()
+
+
+def _grouped_mask(mask: torch.Tensor, hkv: int) -> torch.Tensor:
+    """bool [B, 1|Hq, Sq, Skv] -> broadcastable against scores viewed as [B, Hkv, G, Sq, Skv]."""
+    b, h, sq, skv = mask.shape
+    if h == 1:
+        return mask[:, :, None]
+    return mask.reshape(b, hkv, h // hkv, sq, skv)
+
+
+def _flash_mask(p: AttentionProblem):
+    """(is_causal, additive mask or None, bool `[B|1, 1|Hq, Sq]` of rows with no visible sequence key or None)."""
+    sq, skv = p.q.shape[2], p.k.shape[2]
+    if p.mask is None and (not p.causal or sq == 1):
+        return False, None, None
+    if p.mask is None and sq == skv:
+        return True, None, None  # top-left and bottom-right causal coincide
+    mask = sequence_mask(p)
+    additive = torch.zeros(mask.shape, dtype=p.q.dtype, device=p.q.device).masked_fill_(~mask, float("-inf"))
+    return False, additive, ~mask.any(dim=-1)
+
+
+class _CpuFlashPrefixAttention(torch.autograd.Function):
+    """Sequence keys through PyTorch's CPU flash kernel, the prefix through matmuls, merged by LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
+        b, hq, sq, d = q.shape
+        hkv = k.shape[1]
+        acc = _acc_dtype(q.dtype)
+        is_causal, additive, empty_rows = _flash_mask(p)
+        o_seq, lse_seq = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=additive, scale=p.scale)
+        lse_seq = lse_seq.to(acc)
+        if empty_rows is not None:
+            lse_seq = lse_seq.masked_fill(empty_rows, float("-inf"))
+        o_pre, lse_pre = _prefix_part(p, _grouped(q, hkv).to(acc))
+        o, lse = _merge(o_seq.to(acc), lse_seq, o_pre.reshape(b, hq, sq, d), lse_pre.reshape(b, hq, sq))
+        o = o.to(q.dtype)
+        ctx.problem = p
+        ctx.flash_args = (is_causal, additive)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse)
+        return o, lse.float()
+
+    @staticmethod
+    def backward(ctx, d_o, d_lse):
+        q, k, v, prefix_k, prefix_v, o, lse = ctx.saved_tensors
+        p = ctx.problem
+        is_causal, additive = ctx.flash_args
+        hkv, acc = k.shape[1], lse.dtype
+        lse_rows = lse.masked_fill(lse.isinf(), 0.0)  # rows that saw nothing: every probability is 0
+        d_o = d_o.contiguous()
+        dq = dk = dv = None
+        if any(ctx.needs_input_grad[:3]):
+            dq, dk, dv = _cpu_flash_backward(
+                d_o, q, k, v, o, lse_rows.to(torch.float64 if acc == torch.float64 else torch.float32),
+                0.0, is_causal, attn_mask=additive, scale=p.scale,
+            )
+        dq_pre, dpk, dpv = _prefix_backward(p, q, o, d_o, lse_rows, hkv, acc, ctx.needs_input_grad[3:5])
+        if dq is not None:
+            dq = (dq.to(acc) + dq_pre).to(q.dtype)
+        return dq, dk, dv, dpk, dpv, None
+
+
+def _prefix_backward(p: AttentionProblem, q, o, d_o, lse_rows, hkv, acc, need_prefix_grads):
+    """Gradients through the prefix keys/values: (dq share [B, Hq, Sq, D], d prefix_k, d prefix_v)."""
+    b, hq, sq, d = q.shape
+    shared = p.shared_prefix
+    qg = _fold(_grouped(q, hkv).to(acc), shared)
+    dog = _fold(_grouped(d_o, hkv).to(acc), shared)
+    delta = _fold(_grouped((d_o.to(acc) * o.to(acc)).sum(-1), hkv), shared)
+    lse_g = _fold(_grouped(lse_rows, hkv), shared)
+    pk, pv = _rowwise_prefix(p, acc)
+    probs = torch.exp(torch.matmul(qg, pk.transpose(-1, -2)) * p.scale - lse_g[..., None])  # [.., rows, P]
+    ds = probs * (torch.matmul(dog, pv.transpose(-1, -2)) - delta[..., None])
+    dq = _unfold(torch.matmul(ds, pk) * p.scale, shared, b).reshape(b, hq, sq, d)
+    dpk = dpv = None
+    if any(need_prefix_grads):
+        dpk = torch.matmul(ds.transpose(-1, -2), qg) * p.scale
+        dpv = torch.matmul(probs.transpose(-1, -2), dog)
+        if p.prefix_index is not None:
+            bank = torch.zeros(p.prefix_k.shape, dtype=acc, device=q.device)
+            dpk = bank.index_add(0, p.prefix_index, dpk)
+            dpv = torch.zeros_like(bank).index_add(0, p.prefix_index, dpv)
+        dpk, dpv = dpk.to(p.prefix_k.dtype), dpv.to(p.prefix_v.dtype)
+    return dq, dpk, dpv
+
+
+def torch_prefix_attention(p: AttentionProblem):
+    """Backend "torch": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32)."""
+    q, k = p.q, p.k
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    if q.device.type == "cpu" and k.shape[2] > 0 and rows >= _FLASH_MIN_ROWS and q.numel() > 0:
+        return _CpuFlashPrefixAttention.apply(q, k, p.v, p.prefix_k, p.prefix_v, p)
+    return _attend_matmul(p)

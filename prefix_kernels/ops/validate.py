@@ -1,0 +1,148 @@
+"""Input checks for `prefix_attention`, run once at the entry point before any backend sees the tensors.
+
+Every error names the argument, what was given and what was expected. Nothing here copies a tensor: the
+checked inputs come back as views (a key-padding mask becomes a `[B, 1, 1, Skv]` boolean view).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """The checked inputs of one `prefix_attention` call, in the layout every backend reads."""
+
+    q: torch.Tensor  # [B, Hq, Sq, D]
+    k: torch.Tensor  # [B, Hkv, Skv, D]
+    v: torch.Tensor  # [B, Hkv, Skv, D]
+    prefix_k: torch.Tensor  # [Hkv, P, D] shared, or [N, Hkv, P, D] per row (N = B) / bank
+    prefix_v: torch.Tensor  # same shape as prefix_k
+    prefix_index: torch.Tensor | None  # [B] int64 into a bank, or None
+    mask: torch.Tensor | None  # bool [B or 1, 1 or Hq, Sq or 1, Skv], True = attend
+    causal: bool
+    scale: float
+
+    @property
+    def shared_prefix(self) -> bool:
+        return self.prefix_k.dim() == 3
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(name: str, t, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {_shape(t)}")
+
+
+def _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv: int, d: int):
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor [Hkv, P, D] or [N, Hkv, P, D], got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name}: expected shape [Hkv, P, D] or [N, Hkv, P, D], got {_shape(t)}")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"prefix_v: expected the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}"
+        )
+    if prefix_k.shape[-3] != hkv or prefix_k.shape[-1] != d:
+        raise ValueError(
+            f"prefix_k: expected [..., Hkv={hkv}, P, D={d}] to match k, got {_shape(prefix_k)}"
+        )
+    batch = q.shape[0]
+    if prefix_index is None:
+        if prefix_k.dim() == 4 and prefix_k.shape[0] != batch:
+            raise ValueError(
+                f"prefix_k: a 4-D prefix without prefix_index is one per row, expected first dim B={batch}, "
+                f"got {_shape(prefix_k)} (pass prefix_index to read it as a bank)"
+            )
+        return
+    if not isinstance(prefix_index, torch.Tensor):
+        raise TypeError(f"prefix_index: expected an int64 tensor [B], got {type(prefix_index).__name__}")
+    if prefix_k.dim() != 4:
+        raise ValueError(
+            f"prefix_index: needs a bank prefix_k [N, Hkv, P, D], got prefix_k of shape {_shape(prefix_k)}"
+        )
+    if prefix_index.dtype != torch.int64 or prefix_index.shape != (batch,):
+        raise ValueError(
+            f"prefix_index: expected int64 of shape [{batch}], got {prefix_index.dtype} of shape {_shape(prefix_index)}"
+        )
+    if prefix_index.device != q.device:
+        raise ValueError(f"prefix_index: expected device {q.device}, got {prefix_index.device}")
+    if batch:
+        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        if lo < 0 or hi >= prefix_k.shape[0]:
+            raise ValueError(
+                f"prefix_index: expected values in [0, {prefix_k.shape[0]}) (the bank size), got min {lo} max {hi}"
+            )
+
+
+def _check_mask(attention_mask, q, skv: int):
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a tensor or None, got {type(attention_mask).__name__}")
+    batch, hq, sq = q.shape[0], q.shape[1], q.shape[2]
+    if attention_mask.device != q.device:
+        raise ValueError(f"attention_mask: expected device {q.device}, got {attention_mask.device}")
+    if attention_mask.dim() == 2:
+        if tuple(attention_mask.shape) != (batch, skv):
+            raise ValueError(
+                f"attention_mask: a key-padding mask must be [B={batch}, Skv={skv}], got {_shape(attention_mask)}"
+            )
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask != 0
+        return attention_mask[:, None, None, :]
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(
+                f"attention_mask: a 4-D mask must be boolean (True = attend), got {attention_mask.dtype}"
+            )
+        b, h, s, t = attention_mask.shape
+        if b not in (1, batch) or h not in (1, hq) or s not in (1, sq) or t != skv:
+            raise ValueError(
+                f"attention_mask: expected [B={batch} or 1, 1 or Hq={hq}, Sq={sq} or 1, Skv={skv}], "
+                f"got {_shape(attention_mask)}"
+            )
+        return attention_mask
+    raise ValueError(
+        f"attention_mask: expected a key-padding mask [B, Skv] or a boolean [B, 1 or Hq, Sq, Skv], "
+        f"got shape {_shape(attention_mask)}"
+    )
+
+
+def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index) -> AttentionProblem:
+    """Validate `prefix_attention`'s arguments; return them as an `AttentionProblem`."""
+    _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
+    _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
+    _check_tensor("v", v, 4, "[B, Hkv, Skv, D]")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected one of float16, bfloat16, float32, float64, got {q.dtype}")
+    batch, hq, _, d = q.shape
+    if k.shape[0] != batch or k.shape[-1] != d:
+        raise ValueError(f"k: expected [B={batch}, Hkv, Skv, D={d}] to match q, got {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {_shape(k)}, got {_shape(v)}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k: the query heads Hq={hq} must be a multiple of the key/value heads, got Hkv={hkv}")
+    _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv, d)
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
+    mask = _check_mask(attention_mask, q, k.shape[2])
+    if scale is None:
+        scale = d**-0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale))
