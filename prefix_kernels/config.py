@@ -1,0 +1,152 @@
+"""`PrefixTuningConfig`: PEFT's prefix-tuning configuration, field for field, so configs and saved adapters carry over."""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+PEFT_TYPE = "PREFIX_TUNING"
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning's settings, with PEFT's field names, defaults and meanings.
+
+    Fields left None (`token_dim`, `num_attention_heads`, `num_layers`, `encoder_hidden_size`,
+    `num_transformer_submodules`) are filled from the base model's config by `resolve`, exactly as PEFT does.
+    With grouped-query attention the prefix is stored per KV head: `token_dim = head_dim * num_key_value_heads`
+    and `num_attention_heads = num_key_value_heads`.
+
+    >>> PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20).num_virtual_tokens
+    20
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    peft_type: str = PEFT_TYPE
+    extra_fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # accepts peft.TaskType members
+        self.peft_type = getattr(self.peft_type, "value", self.peft_type)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that holds an invalid value."""
+        if self.peft_type != PEFT_TYPE:
+            raise ValueError(f"peft_type: expected {PEFT_TYPE!r}, got {self.peft_type!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type: expected one of {', '.join(TASK_TYPES)} or None, got {self.task_type!r}")
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights: expected None or 'zero', got {self.init_weights!r}")
+        for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size",
+                     "num_transformer_submodules"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"num_transformer_submodules: expected 1, 2 or None, got {self.num_transformer_submodules}")
+        if self.token_dim is not None and self.num_attention_heads is not None:
+            if self.token_dim % self.num_attention_heads:
+                raise ValueError(
+                    f"token_dim: expected a multiple of num_attention_heads={self.num_attention_heads}, "
+                    f"got {self.token_dim}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.token_dim // self.num_attention_heads
+
+    def resolve(self, model_config) -> "PrefixTuningConfig":
+        """A copy with every None field inferred from a transformers config; explicit fields must agree with it."""
+        inferred = infer_from_model_config(model_config, self.task_type)
+        values = dataclasses.asdict(self)
+        for name, model_value in inferred.items():
+            given = values[name]
+            if given is None:
+                values[name] = model_value
+            elif name != "encoder_hidden_size" and given != model_value:
+                raise ValueError(
+                    f"{name}: the config says {given} but the model ({getattr(model_config, 'model_type', '?')}) "
+                    f"needs {model_value}"
+                )
+        if values["num_virtual_tokens"] is None:
+            raise ValueError("num_virtual_tokens: expected a positive int, got None")
+        if values["encoder_hidden_size"] is None:
+            values["encoder_hidden_size"] = values["token_dim"]
+        if values["base_model_name_or_path"] is None:
+            values["base_model_name_or_path"] = getattr(model_config, "_name_or_path", None) or None
+        return PrefixTuningConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's `adapter_config.json` content (unknown fields read from a file are kept)."""
+        values = dataclasses.asdict(self)
+        extra = values.pop("extra_fields")
+        return {**extra, **values}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PrefixTuningConfig":
+        if not isinstance(values, dict):
+            raise TypeError(f"config: expected a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra_fields={k: v for k, v in values.items() if k not in known})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PrefixTuningConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
+        return cls.from_dict(values)
+
+
+def _first(config: dict, names: tuple[str, ...], what: str) -> int:
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    raise ValueError(f"{what}: the model config has none of {', '.join(names)}; set it in PrefixTuningConfig")
+
+
+def infer_from_model_config(model_config, task_type: str | None) -> dict[str, int]:
+    """PEFT's inference of the prefix's dimensions from a transformers config (GQA included)."""
+    values = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    values = values.get("text_config") or values
+    num_layers = getattr(model_config, "num_hidden_layers", None) or _first(
+        values, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
+    token_dim = _first(values, ("hidden_size", "n_embd", "d_model"), "token_dim")
+    heads = _first(values, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+                   "num_attention_heads")
+    if values.get("num_key_value_heads") is not None:
+        head_dim = values.get("head_dim") or token_dim // heads
+        heads = values["num_key_value_heads"]
+        token_dim = head_dim * heads
+    return {
+        "num_layers": num_layers,
+        "token_dim": token_dim,
+        "num_attention_heads": heads,
+        "encoder_hidden_size": token_dim,
+        "num_transformer_submodules": 2 if task_type == "SEQ_2_SEQ_LM" else 1,
+    }

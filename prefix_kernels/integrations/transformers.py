@@ -1,0 +1,106 @@
+"""The one integration point with transformers: an attention function and its mask function, registered by name.
+
+A model switched to `ATTENTION_NAME` computes every attention layer through `prefix_attention`. The layer's
+prefix reaches the function as the keyword argument `prefix_states` (a `PrefixStates`), which transformers
+passes from the model's forward down to each attention call; without it the function is plain attention.
+The name is neutral on purpose: transformers treats names containing "sdpa", "flash" or "flex" specially.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..ops import prefix_attention
+
+ATTENTION_NAME = "prefix_kernels"
+
+
+@dataclass
+class PrefixStates:
+    """Every layer's prefix for one forward call.
+
+    `kv` is `[L, 2, Hkv, P, D]` (shared by the batch) or a bank `[L, 2, N, Hkv, P, D]` read through `index`
+    (int64 `[B]`, the bank entry of each row).
+    """
+
+    kv: torch.Tensor
+    index: torch.Tensor | None = None
+
+
+def prefix_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, Sq, D]
+    key: torch.Tensor,  # [B, Hkv, Skv, D], cache included
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,  # bool [B, 1, Sq, Skv] from `prefix_mask`, or None
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    prefix_states: PrefixStates | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
+
+    Attention-probability dropout is not applied (the fused kernels have none).
+    """
+    index = None
+    if prefix_states is None:
+        prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
+    else:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
+        kv = prefix_states.kv[layer].to(query.dtype)
+        prefix_k, prefix_v, index = kv[0], kv[1], prefix_states.index
+    if attention_mask is not None:
+        causal = False  # the mask already holds the causal pattern
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = prefix_attention(
+        query, key, value, prefix_k, prefix_v,
+        causal=causal, scale=scaling, attention_mask=attention_mask, prefix_index=index,
+    )
+    return out.transpose(1, 2), None
+
+
+def prefix_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The sequence keys' mask: None when the kernel's own bottom-right causal (or no mask) is exact, else a
+    boolean `[B, 1, Sq, Skv]` (True = attend) built by transformers' `sdpa_mask`.
+
+    Prefix keys are never in this mask: every query sees them.
+    """
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    windowed = local_size is not None and kv_length >= local_size
+    if no_padding and not windowed:
+        if allow_is_causal_skip and (q_length == 1 or q_length == kv_length):
+            return None
+        if allow_is_bidirectional_skip:
+            return None
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        attention_mask=attention_mask, local_size=local_size,
+        allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs,
+    )
+
+
+def register() -> str:
+    """Register the attention and mask functions with transformers (idempotent); return their name."""
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, prefix_mask)
+    return ATTENTION_NAME

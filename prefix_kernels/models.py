@@ -1,0 +1,223 @@
+"""`PrefixModel`: a transformers model whose attention reads a trained prefix, PEFT's adapter format on disk."""
+
+import inspect
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import CONFIG_NAME, PrefixTuningConfig
+from .encoder import PrefixEncoder
+from .integrations.transformers import PrefixStates, register
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+TABLE_KEY = "prompt_embeddings"
+
+
+def _adapter_dir(directory, adapter_name: str) -> str:
+    """PEFT's layout: the "default" adapter at the top, every other one in a sub-directory of its name."""
+    return os.fspath(directory) if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+def _read_adapter(directory) -> tuple[PrefixTuningConfig, torch.Tensor]:
+    """(config, `prompt_embeddings` table) of a saved adapter; safetensors and JSON only, never pickle."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"directory: {directory!r} is not a directory")
+    config = PrefixTuningConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        found = ", ".join(sorted(os.listdir(directory)))
+        raise ValueError(f"directory: expected {WEIGHTS_NAME} (safetensors is required; pickle files are refused), "
+                         f"found: {found}")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None
+    if TABLE_KEY not in tensors:
+        raise ValueError(f"{WEIGHTS_NAME}: expected a tensor named {TABLE_KEY!r}, found {sorted(tensors)}")
+    return config, tensors[TABLE_KEY]
+
+
+class PrefixModel(nn.Module):
+    """A transformers model with prefix tuning: base weights frozen, one `PrefixEncoder` per adapter.
+
+    Attention runs through `prefix_attention` (registered with transformers' `AttentionInterface`), so the
+    model's KV cache holds only the sequence, never the prefix, and `generate()` uses the prefix. Real tokens
+    are numbered from P, as in PEFT, so PEFT-trained adapters give the same numbers. Attributes it does not
+    define fall through to the base model (`config`, `gradient_checkpointing_enable`, ...).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    >>> model = get_prefix_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    >>> model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 64])
+    """
+
+    def __init__(self, model: PreTrainedModel, config: PrefixTuningConfig, adapter_name: str = "default"):
+        super().__init__()
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        if not isinstance(config, PrefixTuningConfig):
+            raise TypeError(f"config: expected a PrefixTuningConfig, got {type(config).__name__}")
+        config = config.resolve(model.config)
+        self.base_model = model
+        self.peft_config: dict[str, PrefixTuningConfig] = {}
+        self.prefix_encoders = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        model.requires_grad_(False)
+        self._add_adapter(adapter_name, config)
+        self._forward_params = set(inspect.signature(model.forward).parameters)
+        self._previous_attention = model.config._attn_implementation
+        model.set_attn_implementation(register())
+        self._hook = model.register_forward_pre_hook(self._inject_prefix, with_kwargs=True)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig) -> PrefixEncoder:
+        encoder = PrefixEncoder(config).to(self.base_model.device)
+        if config.inference_mode:
+            encoder.requires_grad_(False)
+        self.peft_config[adapter_name] = config
+        self.prefix_encoders[adapter_name] = encoder
+        return encoder
+
+    def _inject_prefix(self, module, args, kwargs):
+        """Forward pre-hook on the base model: adds `prefix_states` and shifts positions by P, every call
+        (including each step of `generate()`)."""
+        if args:
+            kwargs = self._as_keywords(module, args, kwargs)
+        encoder = self.prefix_encoders[self.active_adapter]
+        kwargs["prefix_states"] = PrefixStates(kv=encoder())
+        if "position_ids" in self._forward_params:
+            kwargs["position_ids"] = self._positions(kwargs) + encoder.num_virtual_tokens
+        return (), kwargs
+
+    @staticmethod
+    def _as_keywords(module, args, kwargs) -> dict:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                bound.update(bound.pop(name, {}))
+        return bound
+
+    @staticmethod
+    def _positions(kwargs) -> torch.Tensor:
+        """The model's own default positions when none are given: past length + arange(S), shape [1, S]."""
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"]
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
+
+    def forward(self, *args, **kwargs):
+        """The base model's forward (same arguments, same outputs), with the active adapter's prefix."""
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The base model's `generate()`, with the prefix read at every step; its cache never holds the prefix."""
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> PreTrainedModel:
+        return self.base_model
+
+    def get_prefix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """`[L, 2, Hkv, P, D]`: every layer's prefix keys/values of an adapter (default: the active one)."""
+        return self.prefix_encoders[self._known(adapter_name or self.active_adapter)]()
+
+    def _known(self, adapter_name: str) -> str:
+        if adapter_name not in self.prefix_encoders:
+            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; loaded: {sorted(self.prefix_encoders)}")
+        return adapter_name
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.active_adapter = self._known(adapter_name)
+
+    def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a saved adapter (ours or PEFT's) under `adapter_name`; on any error the model is unchanged."""
+        if adapter_name in self.prefix_encoders:
+            raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
+        config, table = _read_adapter(directory)
+        config.inference_mode = not is_trainable
+        config = config.resolve(self.base_model.config)
+        PrefixEncoder(config).load_table(table)  # validates the table before the model is touched
+        self._add_adapter(adapter_name, config).load_table(table)
+
+    @classmethod
+    def from_pretrained(cls, model: PreTrainedModel, directory, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PrefixModel":
+        """Wrap `model` with the adapter saved in `directory` (by `save_pretrained` here or by PEFT).
+
+        With `is_trainable=True` training resumes on the saved table (an MLP projection, if any, is folded).
+        """
+        config, table = _read_adapter(directory)
+        config.inference_mode = not is_trainable
+        PrefixEncoder(config.resolve(model.config)).load_table(table)  # fail before wrapping the model
+        wrapped = cls(model, config, adapter_name)
+        wrapped.prefix_encoders[adapter_name].load_table(table)
+        return wrapped
+
+    def save_pretrained(self, directory) -> None:
+        """PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (`prompt_embeddings`) per adapter."""
+        for name, encoder in self.prefix_encoders.items():
+            target = _adapter_dir(directory, name)
+            self.peft_config[name].save_pretrained(target)
+            table = encoder.flat_table().detach().to("cpu").contiguous()
+            save_file({TABLE_KEY: table}, os.path.join(target, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The base model's gradient checkpointing, non-reentrant (a reentrant checkpoint would drop the
+        prefix's gradient, since the prefix is not an input of the checkpointed layer)."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True would drop the prefix's gradient; "
+                             "expected use_reentrant=False (the default)")
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def unload(self) -> PreTrainedModel:
+        """Detach the prefix machinery and return the base model with its previous attention implementation."""
+        self._hook.remove()
+        self.base_model.set_attn_implementation(self._previous_attention)
+        return self.base_model
+
+
+def get_prefix_model(model: PreTrainedModel, config: PrefixTuningConfig,
+                     adapter_name: str = "default") -> PrefixModel:
+    """PEFT's `get_peft_model` for prefix tuning: freeze `model` and give it a trainable prefix."""
+    return PrefixModel(model, config, adapter_name)
+
+
+def from_peft(peft_model) -> PrefixModel:
+    """A `PrefixModel` over a PEFT prefix-tuning `PeftModel`, sharing its base model and prefix parameters."""
+    adapter = getattr(peft_model, "active_adapter", None)
+    peft_config = getattr(peft_model, "peft_config", {}).get(adapter)
+    peft_type = getattr(getattr(peft_config, "peft_type", None), "value", getattr(peft_config, "peft_type", None))
+    if peft_type != "PREFIX_TUNING":
+        raise ValueError(f"peft_model: expected a PEFT prefix-tuning model, got peft_type {peft_type!r}")
+    config = PrefixTuningConfig.from_dict(peft_config.to_dict())
+    peft_encoder = peft_model.prompt_encoder[adapter]
+    wrapped = PrefixModel(peft_model.base_model, config, adapter)
+    encoder = wrapped.prefix_encoders[adapter]
+    encoder.embedding = peft_encoder.embedding
+    if encoder.prefix_projection:
+        encoder.transform = peft_encoder.transform
+    return wrapped
+

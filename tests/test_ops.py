@@ -1,0 +1,129 @@
+"""`prefix_attention` (backend "torch") against the float64 oracle: forward, lse and all five gradients."""
+
+import itertools
+
+import pytest
+import torch
+from oracle import oracle_attention
+
+from prefix_kernels import prefix_attention
+
+HEADS = [(4, 4), (8, 2), (6, 1)]  # (Hq, Hkv): MHA, GQA, MQA
+HEAD_DIMS = [16, 64, 80]
+LENGTHS = [(1, 1), (1, 19), (7, 7), (7, 40), (33, 33), (33, 50), (9, 4)]  # (Sq, Skv), Sq > Skv last
+PREFIX_LENGTHS = [0, 1, 5, 37]
+PREFIX_KINDS = ["shared", "row", "bank"]
+MASKS = [None, "padding", "4d"]
+
+
+def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.float64):
+    q = torch.randn(b, sq, hq, d, dtype=dtype).transpose(1, 2)  # strided, as transformers passes it
+    k = torch.randn(b, hkv, skv, d, dtype=dtype)
+    v = torch.randn(b, hkv, skv, d, dtype=dtype)
+    index = None
+    shape = {"shared": (hkv, p, d), "row": (b, hkv, p, d), "bank": (3, hkv, p, d)}[prefix_kind]
+    if prefix_kind == "bank":
+        index = torch.tensor([2, 0, 2][:b])
+    pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    mask = None
+    if mask_kind == "padding":
+        mask = torch.ones(b, skv, dtype=torch.long)
+        mask[0, : skv // 2] = 0  # left padding in row 0
+        mask[-1, skv - skv // 3 :] = 0  # right padding in the last row
+    elif mask_kind == "4d":
+        mask = torch.rand(b, 1, sq, skv) > 0.3
+        mask[0, 0, 0] = False  # one query row with no visible sequence key
+    return [t.requires_grad_() for t in (q, k, v, pk, pv)], mask, index
+
+
+def grid():
+    cases = list(itertools.product(LENGTHS, PREFIX_LENGTHS, PREFIX_KINDS, MASKS))
+    params = []
+    for i, ((sq, skv), p, kind, mask) in enumerate(cases):
+        hq, hkv = HEADS[i % len(HEADS)]
+        d = HEAD_DIMS[(i // len(HEADS)) % len(HEAD_DIMS)]
+        params.append(pytest.param(hq, hkv, sq, skv, p, d, kind, mask, i % 2 == 0, id=f"{hq}-{hkv}-{sq}-{skv}-{p}-{d}-{kind}-{mask}"))
+    return params
+
+
+def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None):
+    q, k, v, pk, pv = tensors
+    o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
+                              prefix_index=index, return_lse=True, backend=backend)
+    ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
+                                      prefix_index=index)
+    assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)
+    grad_out = torch.randn_like(ref_o)
+    grads = torch.autograd.grad(o, tensors, grad_out.to(o.dtype))
+    ref_grads = torch.autograd.grad(ref_o, tensors, grad_out)
+    for name, g, ref in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), ref.double(), atol=atol * 10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("hq, hkv, sq, skv, p, d, kind, mask, causal", grid())
+def test_matches_float64_oracle(hq, hkv, sq, skv, p, d, kind, mask, causal):
+    tensors, mask_t, index = make_inputs(3, hq, hkv, sq, skv, p, d, kind, mask)
+    assert_matches_oracle(tensors, mask_t, index, causal)
+
+
+@pytest.mark.parametrize("sq, skv", [(1, 64), (48, 48), (40, 70)])
+def test_float32_close_to_oracle(sq, skv):
+    tensors, mask, index = make_inputs(2, 8, 2, sq, skv, 16, 64, "shared", "padding", dtype=torch.float32)
+    assert_matches_oracle(tensors, mask, index, causal=True, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sq, skv", [(1, 64), (48, 48)])
+def test_half_precision_error_within_twice_torch(dtype, sq, skv):
+    """FlashAttention's rule: our error at most ~2x that of the same computation done by PyTorch in `dtype`."""
+    tensors, mask, index = make_inputs(2, 8, 2, sq, skv, 16, 64, "shared", "padding", dtype=torch.float64)
+    ref, _ = oracle_attention(*tensors, causal=True, attention_mask=mask)
+    low = [t.detach().to(dtype) for t in tensors]
+    ours = prefix_attention(*low, causal=True, attention_mask=mask)
+    torch_low, _ = oracle_attention(*low, causal=True, attention_mask=mask)  # same math, rounded to dtype
+    ours_err = (ours.double() - ref).abs().max()
+    torch_err = (torch_low.to(dtype).double() - ref).abs().max()
+    assert ours.dtype == dtype
+    assert ours_err <= 2 * torch_err + 1e-3
+
+
+def test_zero_prefix_equals_sdpa():
+    q, k, v = torch.randn(2, 4, 9, 32), torch.randn(2, 4, 12, 32), torch.randn(2, 4, 12, 32)
+    empty = torch.empty(4, 0, 32)
+    out = prefix_attention(q, k, v, empty, empty, causal=False)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_rows_without_visible_keys_are_zero_not_nan():
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    empty = torch.empty(2, 0, 16)
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    for query_rows in (3, 40):  # the matmul path and the flash path
+        qq = q.repeat(1, 1, query_rows, 1)[:, :, :query_rows]
+        o, lse = prefix_attention(qq, k, v, empty, empty, attention_mask=mask, return_lse=True, causal=False)
+        assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+
+
+def test_shared_prefix_gradient_sums_rows():
+    """A prefix shared by B rows gets the sum of the B per-row gradients."""
+    q, k, v = torch.randn(3, 4, 40, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    pk, pv = torch.randn(2, 6, 16, requires_grad=True), torch.randn(2, 6, 16, requires_grad=True)
+    prefix_attention(q, k, v, pk, pv).sum().backward()
+    total = torch.zeros_like(pk)
+    for b in range(3):
+        pk_b = pk.detach().clone().requires_grad_()
+        prefix_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pk_b, pv).sum().backward()
+        total += pk_b.grad
+    torch.testing.assert_close(pk.grad, total, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic():
+    tensors, mask, index = make_inputs(2, 8, 2, 33, 40, 5, 64, "bank", "padding", dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        o = prefix_attention(*tensors, attention_mask=mask, prefix_index=index)
+        runs.append((o, *torch.autograd.grad(o.square().sum(), tensors)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
