@@ -1,5 +1,6 @@
 """Tiny transformers models with random weights, one per decoder family the drop-in is tested on."""
 
+import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -26,7 +27,10 @@ _DECODERS = {
 DECODERS = tuple(_DECODERS)
 
 
-def tiny_decoder(name: str):
+def tiny_decoder(name: str, seed: int = 0):
+    """The same weights for the same (name, seed), whatever the caller's random state."""
     cls, config_cls, kwargs = _DECODERS[name]
     config = config_cls(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
-    return cls(config).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(config).eval()

@@ -68,13 +68,18 @@ def _rowwise_prefix(p: AttentionProblem, acc: torch.dtype):
 
 def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     """Attention of grouped queries `[B, Hkv, M, D]` over the prefix alone: (o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`)."""
+    b = qg.shape[0]
     pk, pv = _rowwise_prefix(p, qg.dtype)
     shared = p.shared_prefix
-    s = torch.matmul(_fold(qg, shared), pk.transpose(-1, -2)) * p.scale  # [.., rows, P]
-    lse = torch.logsumexp(s, dim=-1)
-    probs = torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None])
-    o = torch.matmul(probs, pv)
-    return _unfold(o, shared, qg.shape[0]), _unfold(lse, shared, qg.shape[0])
+    s = torch.matmul(_fold(qg, shared), (pk * p.scale).transpose(-1, -2))  # [.., rows, P], scale folded into pk
+    if s.shape[-1] == 0:  # P = 0: zeros, kept in the graph so an empty prefix gets its (empty) gradient
+        return _unfold(torch.matmul(s, pv), shared, b), _unfold(s.new_full(s.shape[:-1], float("-inf")), shared, b)
+    top = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - top)
+    total = e.sum(dim=-1, keepdim=True)
+    o = torch.matmul(e, pv) / total
+    lse = (top + total.log()).squeeze(-1)
+    return _unfold(o, shared, b), _unfold(lse, shared, b)
 
 
 def _merge(o_seq, lse_seq, o_pre, lse_pre):
@@ -122,6 +127,21 @@ def _flash_mask(p: AttentionProblem):
     return False, additive, ~mask.any(dim=-1)
 
 
+def _cpu_flash_prefix(p: AttentionProblem):
+    """The prefix part through the CPU flash kernel: a shared prefix enters as a stride-0 view, never copied."""
+    q = p.q
+    acc = _acc_dtype(q.dtype)
+    if p.prefix_k.shape[-2] == 0:
+        return q.new_zeros(q.shape, dtype=acc), q.new_full(q.shape[:3], float("-inf"), dtype=acc)
+    pk, pv = p.prefix_k, p.prefix_v
+    if p.prefix_index is not None:
+        pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
+    elif pk.dim() == 3:
+        pk, pv = pk.expand(q.shape[0], *pk.shape), pv.expand(q.shape[0], *pv.shape)
+    o, lse = _cpu_flash(q, pk, pv, 0.0, False, scale=p.scale)
+    return o.to(acc), lse.to(acc)
+
+
 class _CpuFlashPrefixAttention(torch.autograd.Function):
     """Sequence keys through PyTorch's CPU flash kernel, the prefix through matmuls, merged by LSE."""
 
@@ -135,8 +155,8 @@ class _CpuFlashPrefixAttention(torch.autograd.Function):
         lse_seq = lse_seq.to(acc)
         if empty_rows is not None:
             lse_seq = lse_seq.masked_fill(empty_rows, float("-inf"))
-        o_pre, lse_pre = _prefix_part(p, _grouped(q, hkv).to(acc))
-        o, lse = _merge(o_seq.to(acc), lse_seq, o_pre.reshape(b, hq, sq, d), lse_pre.reshape(b, hq, sq))
+        o_pre, lse_pre = _cpu_flash_prefix(p)
+        o, lse = _merge(o_seq.to(acc), lse_seq, o_pre, lse_pre)
         o = o.to(q.dtype)
         ctx.problem = p
         ctx.flash_args = (is_causal, additive)

@@ -1,0 +1,54 @@
+"""The attention paths compared by the benchmarks, all taking the same inputs.
+
+- `prefix_kernels`: `prefix_attention` (the backend it picks, or the one named).
+- `materialised`: what PEFT does: the prefix expanded per row, `torch.cat` with the sequence, GQA repeated,
+  SDPA with an explicit mask.
+- `sdpa_preconcat`: SDPA on keys/values concatenated beforehand (not timed): the cost of attention alone.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from prefix_kernels import prefix_attention
+
+
+def make_inputs(b, hq, hkv, sq, skv, p, d, dtype=torch.float32, device="cpu", requires_grad=False):
+    def t(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=requires_grad)
+
+    return t(b, hq, sq, d), t(b, hkv, skv, d), t(b, hkv, skv, d), t(hkv, p, d), t(hkv, p, d)
+
+
+def causal_visibility(sq, skv, p, device):
+    """bool [Sq, P + Skv]: every prefix key, then the bottom-right causal band over the sequence."""
+    visible = torch.ones(sq, p + skv, dtype=torch.bool, device=device)
+    visible[:, p:] = torch.arange(skv, device=device)[None, :] <= torch.arange(sq, device=device)[:, None] + skv - sq
+    return visible
+
+
+def materialised(q, k, v, prefix_k, prefix_v, causal=True):
+    b, hq, sq, _ = q.shape
+    hkv, skv, p = k.shape[1], k.shape[2], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2).repeat_interleave(hq // hkv, dim=1)
+    values = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2).repeat_interleave(hq // hkv, dim=1)
+    mask = causal_visibility(sq, skv, p, q.device) if causal else None
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def preconcatenated(q, k, v, prefix_k, prefix_v):
+    """Keys/values with the prefix already in them, GQA heads repeated: SDPA's input, built outside the timing."""
+    b, hq = q.shape[:2]
+    hkv = k.shape[1]
+    keys = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2).repeat_interleave(hq // hkv, dim=1)
+    values = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2).repeat_interleave(hq // hkv, dim=1)
+    return keys.detach().requires_grad_(k.requires_grad), values.detach().requires_grad_(v.requires_grad)
+
+
+def sdpa_preconcat(q, keys, values, p, causal=True):
+    sq, total = q.shape[2], keys.shape[2]
+    mask = causal_visibility(sq, total - p, p, q.device) if causal else None
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def ours(q, k, v, prefix_k, prefix_v, causal=True, backend=None):
+    return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
