@@ -1,11 +1,16 @@
-"""The float64 oracle: attention over the materialised concatenation `[prefix ; sequence]`, written plainly."""
+"""The float64 oracle: attention over the materialised concatenation `[prefix ; sequence]`, written plainly,
+and the helpers that hold a backend to it."""
 
 import torch
 
+from prefix_kernels import prefix_attention
 
-def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, attention_mask=None, prefix_index=None):
-    """(o, lse) in float64, computed the slow, obvious way."""
-    q, k, v, pk, pv = (t.double() for t in (q, k, v, prefix_k, prefix_v))
+
+def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, attention_mask=None, prefix_index=None,
+                     compute_dtype=torch.float64):
+    """(o, lse), computed the slow, obvious way: in float64, or with `compute_dtype` for the matmuls (softmax in
+    float32), the way PyTorch would do it in that precision."""
+    q, k, v, pk, pv = (t.to(compute_dtype) for t in (q, k, v, prefix_k, prefix_v))
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if prefix_index is not None:
@@ -16,16 +21,74 @@ def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, at
     keys = torch.cat([pk, k], dim=2).repeat_interleave(hq // hkv, dim=1)
     values = torch.cat([pv, v], dim=2).repeat_interleave(hq // hkv, dim=1)
     scores = q @ keys.transpose(-1, -2) * (d**-0.5 if scale is None else scale)
-    visible = torch.ones(b, hq, sq, skv, dtype=torch.bool)
+    visible = torch.ones(b, hq, sq, skv, dtype=torch.bool, device=q.device)
     if causal:
-        i = torch.arange(sq)[:, None]
-        j = torch.arange(skv)[None, :]
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(skv, device=q.device)[None, :]
         visible &= j <= skv - sq + i
     if attention_mask is not None:
         m = attention_mask.bool()
         visible &= m[:, None, None, :] if m.dim() == 2 else m
-    visible = torch.cat([torch.ones(b, hq, sq, n_pre, dtype=torch.bool), visible], dim=-1)
+    visible = torch.cat([torch.ones(b, hq, sq, n_pre, dtype=torch.bool, device=q.device), visible], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if compute_dtype != torch.float64:
+        scores = scores.float()
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None])
-    return probs @ values, lse
+    return probs.to(compute_dtype) @ values, lse
+
+
+def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.float64):
+    q = torch.randn(b, sq, hq, d, dtype=dtype).transpose(1, 2)  # strided, as transformers passes it
+    k = torch.randn(b, hkv, skv, d, dtype=dtype)
+    v = torch.randn(b, hkv, skv, d, dtype=dtype)
+    index = None
+    shape = {"shared": (hkv, p, d), "row": (b, hkv, p, d), "bank": (3, hkv, p, d)}[prefix_kind]
+    if prefix_kind == "bank":
+        index = torch.tensor([2, 0, 2][:b])
+    pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    mask = None
+    if mask_kind == "padding":
+        mask = torch.ones(b, skv, dtype=torch.long)
+        mask[0, : skv // 2] = 0  # left padding in row 0
+        mask[-1, skv - skv // 3 :] = 0  # right padding in the last row
+    elif mask_kind == "4d":
+        mask = torch.rand(b, 1, sq, skv) > 0.3
+        mask[0, 0, 0] = False  # one query row with no visible sequence key
+    return [t.requires_grad_() for t in (q, k, v, pk, pv)], mask, index
+
+
+def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None):
+    q, k, v, pk, pv = tensors
+    o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
+                              prefix_index=index, return_lse=True, backend=backend)
+    ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
+                                      prefix_index=index)
+    assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)
+    grad_out = torch.randn_like(ref_o)
+    grads = torch.autograd.grad(o, tensors, grad_out.to(o.dtype))
+    ref_grads = torch.autograd.grad(ref_o, tensors, grad_out)
+    for name, g, ref in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), ref.double(), atol=atol * 10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_within_twice_torch_error(tensors, mask, dtype, backend, slack=1e-4):
+    """FlashAttention's rule for low precision: the backend's error against float64, on the output and every
+    gradient, is at most ~2x the error of PyTorch doing the same attention in `dtype`."""
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    low = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    ref, _ = oracle_attention(*tensors, attention_mask=mask)
+    ours = prefix_attention(*low, attention_mask=mask, backend=backend)
+    theirs, _ = oracle_attention(*low, attention_mask=mask, compute_dtype=dtype)
+    assert ours.dtype == dtype
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, tensors, grad)
+    our_grads = torch.autograd.grad(ours, low, grad.to(dtype))
+    their_grads = torch.autograd.grad(theirs, low, grad.to(dtype))
+    names = ("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+    for name, a, b, r in zip(names, (ours, *our_grads), (theirs, *their_grads), (ref, *ref_grads)):
+        ours_err = (a.double() - r).abs().max().item()
+        torch_err = (b.double() - r).abs().max().item()
+        assert ours_err <= 2 * torch_err + slack, f"{name}: error {ours_err:.2e} > 2 x PyTorch's {torch_err:.2e}"

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from oracle import oracle_attention
+from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, oracle_attention
 
 from prefix_kernels import prefix_attention
 
@@ -16,26 +16,6 @@ PREFIX_KINDS = ["shared", "row", "bank"]
 MASKS = [None, "padding", "4d"]
 
 
-def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.float64):
-    q = torch.randn(b, sq, hq, d, dtype=dtype).transpose(1, 2)  # strided, as transformers passes it
-    k = torch.randn(b, hkv, skv, d, dtype=dtype)
-    v = torch.randn(b, hkv, skv, d, dtype=dtype)
-    index = None
-    shape = {"shared": (hkv, p, d), "row": (b, hkv, p, d), "bank": (3, hkv, p, d)}[prefix_kind]
-    if prefix_kind == "bank":
-        index = torch.tensor([2, 0, 2][:b])
-    pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
-    mask = None
-    if mask_kind == "padding":
-        mask = torch.ones(b, skv, dtype=torch.long)
-        mask[0, : skv // 2] = 0  # left padding in row 0
-        mask[-1, skv - skv // 3 :] = 0  # right padding in the last row
-    elif mask_kind == "4d":
-        mask = torch.rand(b, 1, sq, skv) > 0.3
-        mask[0, 0, 0] = False  # one query row with no visible sequence key
-    return [t.requires_grad_() for t in (q, k, v, pk, pv)], mask, index
-
-
 def grid():
     cases = list(itertools.product(LENGTHS, PREFIX_LENGTHS, PREFIX_KINDS, MASKS))
     params = []
@@ -44,22 +24,6 @@ def grid():
         d = HEAD_DIMS[(i // len(HEADS)) % len(HEAD_DIMS)]
         params.append(pytest.param(hq, hkv, sq, skv, p, d, kind, mask, i % 2 == 0, id=f"{hq}-{hkv}-{sq}-{skv}-{p}-{d}-{kind}-{mask}"))
     return params
-
-
-def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None):
-    q, k, v, pk, pv = tensors
-    o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                              prefix_index=index, return_lse=True, backend=backend)
-    ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                                      prefix_index=index)
-    assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
-    torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)
-    grad_out = torch.randn_like(ref_o)
-    grads = torch.autograd.grad(o, tensors, grad_out.to(o.dtype))
-    ref_grads = torch.autograd.grad(ref_o, tensors, grad_out)
-    for name, g, ref in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
-        torch.testing.assert_close(g.double(), ref.double(), atol=atol * 10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("hq, hkv, sq, skv, p, d, kind, mask, causal", grid())
@@ -78,15 +42,8 @@ def test_float32_close_to_oracle(sq, skv):
 @pytest.mark.parametrize("sq, skv", [(1, 64), (48, 48)])
 def test_half_precision_error_within_twice_torch(dtype, sq, skv):
     """FlashAttention's rule: our error at most ~2x that of the same computation done by PyTorch in `dtype`."""
-    tensors, mask, index = make_inputs(2, 8, 2, sq, skv, 16, 64, "shared", "padding", dtype=torch.float64)
-    ref, _ = oracle_attention(*tensors, causal=True, attention_mask=mask)
-    low = [t.detach().to(dtype) for t in tensors]
-    ours = prefix_attention(*low, causal=True, attention_mask=mask)
-    torch_low, _ = oracle_attention(*low, causal=True, attention_mask=mask)  # same math, rounded to dtype
-    ours_err = (ours.double() - ref).abs().max()
-    torch_err = (torch_low.to(dtype).double() - ref).abs().max()
-    assert ours.dtype == dtype
-    assert ours_err <= 2 * torch_err + 1e-3
+    tensors, mask, _ = make_inputs(2, 8, 2, sq, skv, 16, 64, "shared", "padding", dtype=torch.float64)
+    assert_within_twice_torch_error(tensors, mask, dtype, backend="torch")
 
 
 def test_zero_prefix_equals_sdpa():

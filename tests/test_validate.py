@@ -76,3 +76,20 @@ def test_failed_call_leaves_inputs_unchanged():
         prefix_attention(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], attention_mask=torch.ones(2, 9))
     for n, t in a.items():
         assert torch.equal(t, before[n])
+
+
+def test_automatic_dispatch():
+    from prefix_kernels.ops.dispatch import select_backend
+    from prefix_kernels.ops.reference import torch_prefix_attention
+    from prefix_kernels.ops.triton_prefix_attention import triton_prefix_attention
+
+    assert select_backend(None, torch.device("cpu"), 64) is torch_prefix_attention
+    assert select_backend(None, torch.device("cuda"), 64) is triton_prefix_attention
+    assert select_backend(None, torch.device("cuda"), 12) is torch_prefix_attention  # a head dim triton can't take
+
+
+def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = inputs()
+    with pytest.raises(RuntimeError, match=r"^backend='triton' cannot run here: triton needs CUDA tensors \(got cpu\)"):
+        prefix_attention(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], backend="triton")

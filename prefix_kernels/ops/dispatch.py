@@ -31,25 +31,29 @@ def _kernel(name: str):
     return triton_prefix_attention.triton_prefix_attention
 
 
-def select_backend(requested: str | None, device: torch.device):
-    """Return the backend function for `requested` (None = automatic) on `device`, or raise why it can't run."""
+def _triton_takes(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and 16 <= head_dim <= 256
+
+
+def select_backend(requested: str | None, device: torch.device, head_dim: int):
+    """Return the backend function for `requested` (None = automatic) on `device`, or raise why it can't run.
+
+    Automatic: triton for CUDA tensors when triton imports and takes the head dim, else torch.
+    """
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     source = "backend" if requested is not None else ENV_VAR
     if name is None:
-        name = "triton" if device.type == "cuda" and _triton_runnable(device) is None and _has_triton_kernel() else "torch"
-        return _kernel(name)
+        use_triton = device.type == "cuda" and _triton_runnable(device) is None and _triton_takes(head_dim)
+        return _kernel("triton" if use_triton else "torch")
     if name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
     if name == "triton":
-        why = _triton_runnable(device) or (None if _has_triton_kernel() else "the Triton kernel is not built yet")
+        why = _triton_runnable(device)
         if why:
             raise RuntimeError(f"{source}='triton' cannot run here: {why}")
+        if not _triton_takes(head_dim):
+            raise ValueError(f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}")
     if name == "cuda":
         raise RuntimeError(f"{source}='cuda' cannot run here: the CUDA C++ backend is not available yet")
     return _kernel(name)
 
-
-def _has_triton_kernel() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec(f"{__package__}.triton_prefix_attention") is not None

@@ -65,6 +65,6 @@ def prefix_attention(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
     )
-    kernel = select_backend(backend, q.device)
+    kernel = select_backend(backend, q.device, q.shape[-1])
     o, lse = kernel(problem)
     return (o, lse.detach()) if return_lse else o

@@ -1,0 +1,403 @@
+"""Backend "triton": fused prefix attention, forward and backward, in the order they run.
+
+Forward: one program per (block of query rows, batch row x KV head). The query rows of a program are the
+*grouped* rows of one KV head — the G = Hq / Hkv query heads that share it, times Sq — so the heads of a GQA
+group read each K/V tile once. A program walks the P prefix keys first (no mask; a shared prefix read with
+batch stride 0, a bank entry found through `prefix_index`), then the sequence keys with bottom-right causal
+masking (key blocks past the causal edge are never visited) and the key-padding / 4-D mask, all under one
+online softmax in base 2 (logits pre-scaled by scale * log2(e), fp32 accumulators). It writes O and the
+natural-log LSE.
+
+Backward, FlashAttention-2 style: delta = rowsum(dO * O); one kernel per key block computes dK/dV for
+sequence keys and each row's share of the prefix gradients (summed afterwards in fp32, deterministically);
+one kernel per query block computes dQ. Sequence dK/dV are skipped when k and v need no gradient.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .validate import AttentionProblem
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names):
+    if INTERPRETED:  # the interpreter runs every config it is given; one small config keeps CI fast
+        return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({names[0]: bm, names[1]: bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2))
+    ]
+
+
+@triton.jit
+def _online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """Fold one tile of base-2 logits `s` [BM, BN] and values `v` [BN, BD] into the running (max, sum, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """bool [BM, BN]: which sequence keys `n` the query rows (position i, head h) may attend to."""
+    visible = n_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        visible = visible & (n[None, :] <= (SKV - SQ + i)[:, None])
+    if HAS_MASK:
+        ptrs = MASK + b * s_mb + h[:, None] * s_mh + i[:, None] * s_mm + n[None, :] * s_mn
+        visible = visible & (tl.load(ptrs, mask=visible, other=0) != 0)
+    return visible
+
+
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "FEW_ROWS"])
+@triton.jit
+def _forward_kernel(
+    Q, K, V, PK, PV, PIDX, MASK, O, LSE,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
+    s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_od,
+    HKV, G, SQ, SKV, P, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # grouped rows: head g = row // Sq, pos i
+    row_ok = rows < G * SQ
+    g = rows // SQ
+    i = rows % SQ
+    h = (hk * G + g).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Prefix keys: visible to every query. Shared prefix: s_pkb = 0, so every row reads the same bytes.
+    pb = tl.load(PIDX + b) if HAS_INDEX else b
+    pk_base = PK + pb * s_pkb + hk * s_pkh
+    pv_base = PV + pb * s_pvb + hk * s_pvh
+    for start in range(0, P, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < P
+        kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(pv_base + n[:, None] * s_pvn + d[None, :] * s_pvd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
+
+    # Sequence keys, bottom-right causal: key blocks past the last visible key of this block are skipped.
+    hi = SKV
+    if CAUSAL:
+        hi = tl.minimum(SKV, tl.maximum(SKV - SQ + tl.max(tl.where(row_ok, i, 0), 0) + 1, 0))
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    for start in range(0, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < SKV
+        kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * s_vn + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        visible = _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
+
+    empty = l_i == 0.0  # no visible key at all: o = 0, lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + d[None, :] * s_od, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * (HKV * G) + h) * SQ + i, lse, mask=row_ok)
+
+
+@triton.jit
+def _key_block_grads(
+    kt_ptrs, v_ptrs, n_start, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
+    s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
+    HKV, G, SQ, SKV, qk_scale, d, d_ok,
+    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV [BN, BD] (fp32, unscaled dK) of one block of keys, summed over every query row that sees it."""
+    kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BD, BN]
+    v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    m_lo = 0
+    if CAUSAL and not IS_PREFIX:
+        m_lo = tl.maximum(n_start - (SKV - SQ), 0)  # queries before this one cannot see the block
+    for g in range(0, G):
+        h = (hk * G + g).to(tl.int64)
+        for start in range(m_lo, SQ, BLOCK_M):
+            i = start + tl.arange(0, BLOCK_M)
+            row_ok = i < SQ
+            q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(DO + b * s_dob + h * s_doh + i[:, None] * s_dom + d[None, :] * s_dod,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            row = (b * (HKV * G) + h) * SQ + i
+            lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing have p = 0 everywhere
+            delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if IS_PREFIX:
+                visible = n_ok[None, :] & row_ok[:, None]
+            else:
+                hb = tl.zeros([BLOCK_M], tl.int64) + h
+                visible = _visible(n, n_ok, i, hb, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
+@triton.jit
+def _backward_dkdv_kernel(
+    Q, K, V, PK, PV, PIDX, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
+    s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
+    HKV, G, SQ, SKV, P, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, NEED_DKV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The first programs own sequence key blocks (dK, dV; none when NEED_DKV is off); the rest own prefix key
+    blocks and write this batch row's share of dPK/dPV into fp32 buffers [B, Hkv, P, D]."""
+    SEQ_BLOCKS = tl.cdiv(SKV, BLOCK_N) if NEED_DKV else 0
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    if pid_n < SEQ_BLOCKS:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < SKV
+        dk, dv = _key_block_grads(
+            K + b * s_kb + hk * s_kh + n[None, :] * s_kn + d[:, None] * s_kd,
+            V + b * s_vb + hk * s_vh + n[:, None] * s_vn + d[None, :] * s_vd,
+            pid_n * BLOCK_N, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
+            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
+            HKV, G, SQ, SKV, qk_scale, d, d_ok, False, CAUSAL, HAS_MASK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = ((b * HKV + hk) * SKV + n[:, None]) * HEAD_DIM + d[None, :]  # DK, DV: contiguous [B, Hkv, Skv, D]
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    else:
+        n = (pid_n - SEQ_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < P
+        pb = tl.load(PIDX + b) if HAS_INDEX else b
+        dk, dv = _key_block_grads(
+            PK + pb * s_pkb + hk * s_pkh + n[None, :] * s_pkn + d[:, None] * s_pkd,
+            PV + pb * s_pvb + hk * s_pvh + n[:, None] * s_pvn + d[None, :] * s_pvd,
+            0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
+            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
+            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = ((b * HKV + hk) * P + n[:, None]) * HEAD_DIM + d[None, :]  # per-row partials, fp32
+        tl.store(DPK + out, dk * scale, mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(DPV + out, dv, mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, PK, PV, PIDX, MASK, DO, LSE, DELTA, DQ,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
+    s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
+    HKV, G, SQ, SKV, P, qk_scale, scale, s_dqb, s_dqh, s_dqm, s_dqd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = pid_bh % HKV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * SQ
+    g = rows // SQ
+    i = rows % SQ
+    h = (hk * G + g).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    rd_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd, mask=rd_ok, other=0.0)
+    do = tl.load(DO + b * s_dob + h[:, None] * s_doh + i[:, None] * s_dom + d[None, :] * s_dod, mask=rd_ok, other=0.0)
+    row = (b * (HKV * G) + h) * SQ + i
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    pb = tl.load(PIDX + b) if HAS_INDEX else b
+    pk_base = PK + pb * s_pkb + hk * s_pkh
+    pv_base = PV + pb * s_pvb + hk * s_pvh
+    for start in range(0, P, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < P
+        kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(pv_base + n[None, :] * s_pvn + d[:, None] * s_pvd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        p = tl.where(n_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
+
+    hi = SKV
+    if CAUSAL:
+        hi = tl.minimum(SKV, tl.maximum(SKV - SQ + tl.max(tl.where(row_ok, i, 0), 0) + 1, 0))
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    for start in range(0, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < SKV
+        kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + n[None, :] * s_vn + d[:, None] * s_vd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        visible = _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
+
+    tl.store(DQ + b * s_dqb + h[:, None] * s_dqh + i[:, None] * s_dqm + d[None, :] * s_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=rd_ok)
+
+
+def _prefix_views(p: AttentionProblem):
+    """(prefix_k, prefix_v, their strides with batch stride 0 for a shared prefix, index tensor or None)."""
+    pk, pv = p.prefix_k, p.prefix_v
+    if pk.dim() == 3:
+        return pk, pv, (0, *pk.stride()), (0, *pv.stride())
+    return pk, pv, pk.stride(), pv.stride()
+
+
+def _mask_view(p: AttentionProblem):
+    """(uint8 mask [B|1, 1|Hq, Sq|1, Skv] or a dummy, its strides with 0 on broadcast dims)."""
+    if p.mask is None:
+        return p.q.new_empty(1, dtype=torch.uint8), (0, 0, 0, 0)
+    m = p.mask.view(torch.uint8)
+    return m, tuple(0 if size == 1 else stride for size, stride in zip(m.shape, m.stride()))
+
+
+def _launch_args(p: AttentionProblem):
+    q, k, v = p.q, p.k, p.v
+    b, hq, sq, d = q.shape
+    hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
+    pk, pv, s_pk, s_pv = _prefix_views(p)
+    mask, s_m = _mask_view(p)
+    index = p.prefix_index if p.prefix_index is not None else q.new_empty(1, dtype=torch.int64)
+    consts = dict(
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
+        HAS_INDEX=p.prefix_index is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), (*s_pk, *s_pv, *s_m), consts
+
+
+def _forward(p: AttentionProblem):
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), strides, consts = _launch_args(p)
+    q, k, v = p.q, p.k, p.v
+    o = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, Sq, D], as HF wants
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    rows = (hq // hkv) * sq
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
+
+    _forward_kernel[grid](
+        q, k, v, pk, pv, index, mask, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
+        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, FEW_ROWS=rows <= 16, **consts,
+    )
+    return o, lse
+
+
+def _reduce_prefix_grad(rows: torch.Tensor, p: AttentionProblem) -> torch.Tensor:
+    """Per-row prefix gradients [B, Hkv, P, D] (fp32) -> the prefix's own shape, summed deterministically."""
+    if p.prefix_k.dim() == 3:
+        return rows.sum(0).to(p.prefix_k.dtype)
+    if p.prefix_index is None:
+        return rows.to(p.prefix_k.dtype)
+    one_hot = torch.nn.functional.one_hot(p.prefix_index, p.prefix_k.shape[0]).to(torch.float32).T  # [N, B]
+    return (one_hot @ rows.flatten(1)).view(p.prefix_k.shape).to(p.prefix_k.dtype)
+
+
+def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_prefix: bool):
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), strides, consts = _launch_args(p)
+    q, k, v = p.q, p.k, p.v
+    delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
+    lse = lse.contiguous()
+    common = (*q.stride(), *k.stride(), *v.stride(), *strides, *d_o.stride())
+    sizes = (hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, p.scale)
+    dq = dk = dv = dpk = dpv = None
+    if need_dkv or need_prefix:
+        seq_shape = (b, hkv, skv, d) if need_dkv else (0,)
+        dk = torch.empty(seq_shape, dtype=k.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        prefix_shape = (b, hkv, n_prefix, d) if need_prefix else (0,)
+        dpk_rows = torch.empty(prefix_shape, dtype=torch.float32, device=q.device)
+        dpv_rows = torch.empty_like(dpk_rows)
+
+        def grid(meta):
+            seq_blocks = triton.cdiv(skv, meta["BLOCK_N"]) if need_dkv else 0
+            prefix_blocks = triton.cdiv(n_prefix, meta["BLOCK_N"]) if need_prefix else 0
+            return (seq_blocks + prefix_blocks, b * hkv)
+
+        _backward_dkdv_kernel[grid](
+            q, k, v, pk, pv, index, mask, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
+            NEED_DKV=need_dkv, **consts,
+        )
+        if need_prefix:
+            dpk, dpv = _reduce_prefix_grad(dpk_rows, p), _reduce_prefix_grad(dpv_rows, p)
+        if not need_dkv:
+            dk = dv = None
+    if need_dq:
+        dq = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+        def grid(meta):
+            return (triton.cdiv((hq // hkv) * sq, meta["BLOCK_M"]), b * hkv)
+
+        _backward_dq_kernel[grid](q, k, v, pk, pv, index, mask, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
+                                  **consts)
+    return dq, dk, dv, dpk, dpv
+
+
+class _TritonPrefixAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
+        o, lse = _forward(p)
+        ctx.problem = p
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, d_o, d_lse):
+        q, k, v, prefix_k, prefix_v, o, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv, dpk, dpv = _backward(ctx.problem, o, lse, d_o, need[0], need[1] or need[2], need[3] or need[4])
+        return dq, dk, dv, dpk, dpv, None
+
+
+def triton_prefix_attention(p: AttentionProblem):
+    """Backend "triton": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32)."""
+    if p.q.numel() == 0:
+        return p.q.new_zeros(p.q.shape), p.q.new_full(p.q.shape[:3], float("-inf"), dtype=torch.float32)
+    return _TritonPrefixAttention.apply(p.q, p.k, p.v, p.prefix_k, p.prefix_v, p)
+

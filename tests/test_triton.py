@@ -1,0 +1,99 @@
+"""Backend "triton" against the float64 oracle: under TRITON_INTERPRET=1 on CPU (CI), compiled on a GPU."""
+
+import importlib.util
+
+import pytest
+import torch
+from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, oracle_attention
+
+from prefix_kernels import prefix_attention
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (Hq, Hkv, Sq, Skv, P, D, prefix kind, mask kind, causal): odd sizes, P = 0 and 1, Sq != Skv both ways,
+# MHA / GQA / MQA, every mask and prefix kind, head dims 16 and 80. Small: the interpreter is slow.
+CASES = [
+    (4, 4, 1, 1, 0, 16, "shared", None, True),
+    (4, 2, 1, 37, 5, 16, "shared", "padding", True),
+    (6, 1, 1, 19, 1, 80, "bank", None, True),
+    (4, 2, 7, 7, 0, 16, "row", "padding", True),
+    (4, 2, 7, 40, 37, 16, "shared", "4d", True),
+    (3, 1, 33, 33, 5, 16, "bank", "padding", True),
+    (2, 2, 33, 50, 1, 80, "row", None, True),
+    (4, 2, 20, 13, 3, 16, "shared", None, True),
+    (4, 1, 9, 4, 0, 16, "row", "4d", True),
+    (4, 2, 17, 23, 5, 16, "shared", None, False),
+    (4, 4, 7, 30, 37, 16, "bank", "4d", False),
+    (2, 1, 13, 0, 4, 16, "shared", None, True),
+]
+
+
+def _on_device(tensors, mask, index):
+    moved = [t.detach().to(DEVICE).requires_grad_() for t in tensors]
+    return moved, (mask.to(DEVICE) if mask is not None else None), (index.to(DEVICE) if index is not None else None)
+
+
+@pytest.mark.parametrize("hq, hkv, sq, skv, p, d, kind, mask, causal", CASES,
+                         ids=["-".join(map(str, c)) for c in CASES])
+def test_matches_float64_oracle(hq, hkv, sq, skv, p, d, kind, mask, causal):
+    tensors, mask_t, index = make_inputs(3, hq, hkv, sq, skv, p, d, kind, mask, dtype=torch.float32)
+    assert_matches_oracle(*_on_device(tensors, mask_t, index), causal, backend="triton", atol=2e-5)
+
+
+def test_frozen_sequence_keys_get_no_gradient_and_the_rest_is_right():
+    """The first layer of a frozen model: only q and the prefix need gradients."""
+    (q, k, v, pk, pv), mask, _ = make_inputs(2, 4, 2, 9, 12, 5, 16, "shared", "padding", dtype=torch.float32)
+    k, v = k.detach(), v.detach()
+    o = prefix_attention(q, k, v, pk, pv, attention_mask=mask, backend="triton")
+    ref, _ = oracle_attention(q, k, v, pk, pv, attention_mask=mask)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(o, (q, pk, pv), grad.float())
+    want = torch.autograd.grad(ref, (q, pk, pv), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=0)
+
+
+def test_strided_inputs():
+    q = torch.randn(2, 9, 12, 16)[:, :, ::3].transpose(1, 2)  # [B, Hq=4, Sq=9, D] with gaps
+    kv = torch.randn(2, 11, 2, 2, 16)  # a fused KV projection, split by views
+    k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
+    pk = torch.randn(2, 3, 32)[..., ::2]
+    pv = torch.randn(2, 3, 16)
+    o = prefix_attention(q, k, v, pk, pv, backend="triton")
+    torch.testing.assert_close(o.double(), oracle_attention(q, k, v, pk, pv)[0], atol=2e-5, rtol=0)
+
+
+def test_half_precision_within_twice_torch_error():
+    tensors, mask, _ = make_inputs(2, 4, 2, 17, 17, 5, 16, "shared", "padding", dtype=torch.float64)
+    assert_within_twice_torch_error(tensors, mask, torch.float16, backend="triton")
+
+
+def test_deterministic():
+    tensors, mask, index = make_inputs(3, 4, 2, 9, 12, 5, 16, "bank", "padding", dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        o = prefix_attention(*tensors, attention_mask=mask, prefix_index=index, backend="triton")
+        runs.append((o, *torch.autograd.grad(o.square().sum(), tensors)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_head_dim_the_kernel_cannot_take():
+    q, k, v = torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12), torch.randn(1, 2, 3, 12)
+    pk = torch.randn(2, 1, 12)
+    with pytest.raises(ValueError, match="^q: backend 'triton' takes head dims that are multiples of 8"):
+        prefix_attention(q, k, v, pk, pk, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b, hq, hkv, sq, skv, p, d", [
+    (2, 32, 8, 1, 4099, 64, 128), (2, 16, 4, 1023, 1023, 64, 64), (1, 8, 1, 333, 1000, 37, 80),
+    (2, 8, 8, 256, 512, 16, 256), (4, 12, 4, 129, 129, 0, 96),
+])
+def test_gpu_realistic_shapes(dtype, b, hq, hkv, sq, skv, p, d):
+    """FlashAttention's rule on the GPU: error at most ~2x that of PyTorch in the same dtype, for o and grads."""
+    tensors, mask, _ = make_inputs(b, hq, hkv, sq, skv, p, d, "shared", "padding", dtype=torch.float64)
+    assert_within_twice_torch_error([t.cuda() for t in tensors], mask.cuda(), dtype, backend="triton")
