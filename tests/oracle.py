@@ -7,7 +7,7 @@ from prefix_kernels import prefix_attention
 
 
 def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, attention_mask=None, prefix_index=None,
-                     compute_dtype=torch.float64):
+                     prefix_lengths=None, compute_dtype=torch.float64):
     """(o, lse), computed the slow, obvious way: in float64, or with `compute_dtype` for the matmuls (softmax in
     float32), the way PyTorch would do it in that precision."""
     q, k, v, pk, pv = (t.to(compute_dtype) for t in (q, k, v, prefix_k, prefix_v))
@@ -29,7 +29,10 @@ def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, at
     if attention_mask is not None:
         m = attention_mask.bool()
         visible &= m[:, None, None, :] if m.dim() == 2 else m
-    visible = torch.cat([torch.ones(b, hq, sq, n_pre, dtype=torch.bool, device=q.device), visible], dim=-1)
+    prefix_visible = torch.ones(b, hq, sq, n_pre, dtype=torch.bool, device=q.device)
+    if prefix_lengths is not None:
+        prefix_visible &= (torch.arange(n_pre, device=q.device) < prefix_lengths[:, None])[:, None, None, :]
+    visible = torch.cat([prefix_visible, visible], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
     if compute_dtype != torch.float64:
         scores = scores.float()
@@ -58,12 +61,12 @@ def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.f
     return [t.requires_grad_() for t in (q, k, v, pk, pv)], mask, index
 
 
-def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None):
+def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None, lengths=None):
     q, k, v, pk, pv = tensors
     o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                              prefix_index=index, return_lse=True, backend=backend)
+                              prefix_index=index, prefix_lengths=lengths, return_lse=True, backend=backend)
     ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                                      prefix_index=index)
+                                      prefix_index=index, prefix_lengths=lengths)
     assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)

@@ -84,3 +84,11 @@ def test_deterministic():
         runs.append((o, *torch.autograd.grad(o.square().sum(), tensors)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind, sq, skv", [("bank", 1, 9), ("bank", 33, 33), ("row", 7, 12)])
+def test_prefix_lengths(kind, sq, skv):
+    """Adapters of different lengths in one batch: row b sees only its first prefix_lengths[b] prefix keys."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float64)
+    lengths = torch.tensor([7, 0, 3])
+    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, lengths=lengths)

@@ -97,3 +97,11 @@ def test_gpu_realistic_shapes(dtype, b, hq, hkv, sq, skv, p, d):
     """FlashAttention's rule on the GPU: error at most ~2x that of PyTorch in the same dtype, for o and grads."""
     tensors, mask, _ = make_inputs(b, hq, hkv, sq, skv, p, d, "shared", "padding", dtype=torch.float64)
     assert_within_twice_torch_error([t.cuda() for t in tensors], mask.cuda(), dtype, backend="triton")
+
+
+@pytest.mark.parametrize("kind, sq, skv", [("bank", 1, 9), ("bank", 33, 33), ("row", 7, 12)])
+def test_prefix_lengths(kind, sq, skv):
+    """Adapters of different lengths in one batch: row b sees only its first prefix_lengths[b] prefix keys."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float32)
+    lengths = torch.tensor([7, 0, 3])
+    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, lengths=lengths)

@@ -17,6 +17,7 @@ def prefix_attention(
     scale: float | None = None,
     attention_mask: torch.Tensor | None = None,
     prefix_index: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -37,6 +38,8 @@ def prefix_attention(
         attention_mask: sequence keys only. None; a key-padding mask `[B, Skv]` (1/True = real token);
             or a boolean `[B, 1 or Hq, Sq, Skv]` (True = attend), combined with `causal`.
         prefix_index: int64 `[B]`, row b reads bank entry `prefix_index[b]`.
+        prefix_lengths: int64 `[B]` (with a per-row or bank prefix): row b sees only its first
+            `prefix_lengths[b]` prefix keys, the rest being padding — adapters of different lengths in one batch.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch;
             the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
@@ -64,6 +67,7 @@ def prefix_attention(
     problem = check_inputs(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
     )
     kernel = select_backend(backend, q.device, q.shape[-1])
     o, lse = kernel(problem)

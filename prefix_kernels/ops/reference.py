@@ -66,6 +66,14 @@ def _rowwise_prefix(p: AttentionProblem, acc: torch.dtype):
     return pk, pv
 
 
+def _prefix_visible(p: AttentionProblem) -> torch.Tensor | None:
+    """bool `[B, 1, 1, P]`: the prefix keys each row sees (None: all of them)."""
+    if p.prefix_lengths is None:
+        return None
+    positions = torch.arange(p.prefix_k.shape[-2], device=p.q.device)
+    return (positions < p.prefix_lengths[:, None])[:, None, None, :]
+
+
 def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     """Attention of grouped queries `[B, Hkv, M, D]` over the prefix alone: (o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`)."""
     b = qg.shape[0]
@@ -74,10 +82,13 @@ def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     s = torch.matmul(_fold(qg, shared), (pk * p.scale).transpose(-1, -2))  # [.., rows, P], scale folded into pk
     if s.shape[-1] == 0:  # P = 0: zeros, kept in the graph so an empty prefix gets its (empty) gradient
         return _unfold(torch.matmul(s, pv), shared, b), _unfold(s.new_full(s.shape[:-1], float("-inf")), shared, b)
+    visible = _prefix_visible(p)
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
     top = s.amax(dim=-1, keepdim=True)
-    e = torch.exp(s - top)
+    e = torch.exp(s - top.masked_fill(top.isinf(), 0.0))
     total = e.sum(dim=-1, keepdim=True)
-    o = torch.matmul(e, pv) / total
+    o = torch.matmul(e, pv) / total.clamp_min(1.0)  # total >= 1 whenever a key is seen (the max gives exp(0))
     lse = (top + total.log()).squeeze(-1)
     return _unfold(o, shared, b), _unfold(lse, shared, b)
 
@@ -138,8 +149,15 @@ def _cpu_flash_prefix(p: AttentionProblem):
         pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
     elif pk.dim() == 3:
         pk, pv = pk.expand(q.shape[0], *pk.shape), pv.expand(q.shape[0], *pv.shape)
-    o, lse = _cpu_flash(q, pk, pv, 0.0, False, scale=p.scale)
-    return o.to(acc), lse.to(acc)
+    visible = _prefix_visible(p)
+    additive = None
+    if visible is not None:
+        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    o, lse = _cpu_flash(q, pk, pv, 0.0, False, attn_mask=additive, scale=p.scale)
+    lse = lse.to(acc)
+    if visible is not None:
+        lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
+    return o.to(acc), lse
 
 
 class _CpuFlashPrefixAttention(torch.autograd.Function):
@@ -193,6 +211,9 @@ def _prefix_backward(p: AttentionProblem, q, o, d_o, lse_rows, hkv, acc, need_pr
     lse_g = _fold(_grouped(lse_rows, hkv), shared)
     pk, pv = _rowwise_prefix(p, acc)
     probs = torch.exp(torch.matmul(qg, pk.transpose(-1, -2)) * p.scale - lse_g[..., None])  # [.., rows, P]
+    visible = _prefix_visible(p)
+    if visible is not None:
+        probs = probs.masked_fill(~visible, 0.0)
     ds = probs * (torch.matmul(dog, pv.transpose(-1, -2)) - delta[..., None])
     dq = _unfold(torch.matmul(ds, pk) * p.scale, shared, b).reshape(b, hq, sq, d)
     dpk = dpv = None

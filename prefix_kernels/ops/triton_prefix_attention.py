@@ -63,13 +63,13 @@ def _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok,
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "FEW_ROWS"])
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, PIDX, MASK, O, LSE,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, O, LSE,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_od,
     HKV, G, SQ, SKV, P, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -91,11 +91,12 @@ def _forward_kernel(
 
     # Prefix keys: visible to every query. Shared prefix: s_pkb = 0, so every row reads the same bytes.
     pb = tl.load(PIDX + b) if HAS_INDEX else b
+    p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     pk_base = PK + pb * s_pkb + hk * s_pkh
     pv_base = PV + pb * s_pvb + hk * s_pvh
-    for start in range(0, P, BLOCK_N):
+    for start in range(0, p_len, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < P
+        n_ok = n < p_len
         kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(pv_base + n[:, None] * s_pvn + d[None, :] * s_pvd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -173,13 +174,13 @@ def _key_block_grads(
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dkdv_kernel(
-    Q, K, V, PK, PV, PIDX, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, NEED_DKV: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr, NEED_DKV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The first programs own sequence key blocks (dK, dV; none when NEED_DKV is off); the rest own prefix key
@@ -205,7 +206,8 @@ def _backward_dkdv_kernel(
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     else:
         n = (pid_n - SEQ_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < P
+        p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P
+        n_ok = n < p_len
         pb = tl.load(PIDX + b) if HAS_INDEX else b
         dk, dv = _key_block_grads(
             PK + pb * s_pkb + hk * s_pkh + n[None, :] * s_pkn + d[:, None] * s_pkd,
@@ -214,20 +216,22 @@ def _backward_dkdv_kernel(
             s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
             HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * P + n[:, None]) * HEAD_DIM + d[None, :]  # per-row partials, fp32
-        tl.store(DPK + out, dk * scale, mask=n_ok[:, None] & d_ok[None, :])
-        tl.store(DPV + out, dv, mask=n_ok[:, None] & d_ok[None, :])
+        write = (n < P)[:, None] & d_ok[None, :]  # padding past p_len gets its zeros written too
+        tl.store(DPK + out, dk * scale, mask=write)
+        tl.store(DPV + out, dv, mask=write)
 
 
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dq_kernel(
-    Q, K, V, PK, PV, PIDX, MASK, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale, s_dqb, s_dqh, s_dqm, s_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -249,11 +253,12 @@ def _backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     pb = tl.load(PIDX + b) if HAS_INDEX else b
+    p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     pk_base = PK + pb * s_pkb + hk * s_pkh
     pv_base = PV + pb * s_pvb + hk * s_pvh
-    for start in range(0, P, BLOCK_N):
+    for start in range(0, p_len, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < P
+        n_ok = n < p_len
         kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(pv_base + n[None, :] * s_pvn + d[:, None] * s_pvd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
@@ -303,16 +308,19 @@ def _launch_args(p: AttentionProblem):
     hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
     pk, pv, s_pk, s_pv = _prefix_views(p)
     mask, s_m = _mask_view(p)
-    index = p.prefix_index if p.prefix_index is not None else q.new_empty(1, dtype=torch.int64)
+    dummy = q.new_empty(1, dtype=torch.int64)
+    index = p.prefix_index if p.prefix_index is not None else dummy
+    lengths = p.prefix_lengths if p.prefix_lengths is not None else dummy
     consts = dict(
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
-        HAS_INDEX=p.prefix_index is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), (*s_pk, *s_pv, *s_m), consts
+    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), (*s_pk, *s_pv, *s_m), consts
 
 
 def _forward(p: AttentionProblem):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), strides, consts = _launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = _launch_args(p)
     q, k, v = p.q, p.k, p.v
     o = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, Sq, D], as HF wants
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -322,7 +330,7 @@ def _forward(p: AttentionProblem):
         return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
 
     _forward_kernel[grid](
-        q, k, v, pk, pv, index, mask, o, lse,
+        q, k, v, pk, pv, index, lengths, mask, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
         hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, FEW_ROWS=rows <= 16, **consts,
     )
@@ -340,7 +348,7 @@ def _reduce_prefix_grad(rows: torch.Tensor, p: AttentionProblem) -> torch.Tensor
 
 
 def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_prefix: bool):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, mask), strides, consts = _launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = _launch_args(p)
     q, k, v = p.q, p.k, p.v
     delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
     lse = lse.contiguous()
@@ -361,7 +369,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
             return (seq_blocks + prefix_blocks, b * hkv)
 
         _backward_dkdv_kernel[grid](
-            q, k, v, pk, pv, index, mask, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
+            q, k, v, pk, pv, index, lengths, mask, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
             NEED_DKV=need_dkv, **consts,
         )
         if need_prefix:
@@ -374,7 +382,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
         def grid(meta):
             return (triton.cdiv((hq // hkv) * sq, meta["BLOCK_M"]), b * hkv)
 
-        _backward_dq_kernel[grid](q, k, v, pk, pv, index, mask, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
+        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
                                   **consts)
     return dq, dk, dv, dpk, dpv
 

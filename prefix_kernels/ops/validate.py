@@ -24,6 +24,7 @@ class AttentionProblem:
     mask: torch.Tensor | None  # bool [B or 1, 1 or Hq, Sq or 1, Skv], True = attend
     causal: bool
     scale: float
+    prefix_lengths: torch.Tensor | None = None  # [B] int64: row b sees prefix keys [0, prefix_lengths[b])
 
     @property
     def shared_prefix(self) -> bool:
@@ -117,7 +118,30 @@ def _check_mask(attention_mask, q, skv: int):
     )
 
 
-def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index) -> AttentionProblem:
+def _check_prefix_lengths(prefix_lengths, prefix_k, q):
+    if prefix_lengths is None:
+        return None
+    batch, n_prefix = q.shape[0], prefix_k.shape[-2]
+    if not isinstance(prefix_lengths, torch.Tensor):
+        raise TypeError(f"prefix_lengths: expected an int64 tensor [B], got {type(prefix_lengths).__name__}")
+    if prefix_k.dim() != 4:
+        raise ValueError(
+            f"prefix_lengths: needs a per-row or bank prefix_k [N, Hkv, P, D], got prefix_k of shape {_shape(prefix_k)}"
+        )
+    if prefix_lengths.dtype != torch.int64 or prefix_lengths.shape != (batch,):
+        raise ValueError(f"prefix_lengths: expected int64 of shape [{batch}], got {prefix_lengths.dtype} of shape "
+                         f"{_shape(prefix_lengths)}")
+    if prefix_lengths.device != q.device:
+        raise ValueError(f"prefix_lengths: expected device {q.device}, got {prefix_lengths.device}")
+    if batch:
+        lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
+        if lo < 0 or hi > n_prefix:
+            raise ValueError(f"prefix_lengths: expected values in [0, P={n_prefix}], got min {lo} max {hi}")
+    return prefix_lengths
+
+
+def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
+                 prefix_lengths=None) -> AttentionProblem:
     """Validate `prefix_attention`'s arguments; return them as an `AttentionProblem`."""
     _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
     _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
@@ -139,10 +163,11 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
         if t.device != q.device:
             raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
     mask = _check_mask(attention_mask, q, k.shape[2])
+    prefix_lengths = _check_prefix_lengths(prefix_lengths, prefix_k, q)
     if scale is None:
         scale = d**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale))
+    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale), prefix_lengths)
