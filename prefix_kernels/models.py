@@ -1,5 +1,6 @@
 """`PrefixModel`: a transformers model whose attention reads a trained prefix, PEFT's adapter format on disk."""
 
+import contextlib
 import inspect
 import os
 
@@ -68,6 +69,7 @@ class PrefixModel(nn.Module):
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
+        self._call_adapter_names: list[str] | None = None
         model.requires_grad_(False)
         self._add_adapter(adapter_name, config)
         self._forward_params = set(inspect.signature(model.forward).parameters)
@@ -96,11 +98,53 @@ class PrefixModel(nn.Module):
         (including each step of `generate()`)."""
         if args:
             kwargs = self._as_keywords(module, args, kwargs)
-        encoder = self.prefix_encoders[self.active_adapter]
-        kwargs["prefix_states"] = PrefixStates(kv=encoder())
+        if self._call_adapter_names is None:
+            encoder = self.prefix_encoders[self.active_adapter]
+            states, offsets = PrefixStates(kv=encoder()), encoder.num_virtual_tokens
+        else:
+            states = self._bank_states(self._call_adapter_names, self._batch_size(kwargs))
+            offsets = states.lengths[:, None]
+        kwargs["prefix_states"] = states
         if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = self._positions(kwargs) + encoder.num_virtual_tokens
+            kwargs["position_ids"] = self._positions(kwargs) + offsets
         return (), kwargs
+
+    def _bank_states(self, adapter_names: list[str], batch: int) -> PrefixStates:
+        """One bank holding each adapter the batch names, read by index; prefixes of different lengths are
+        zero-padded to the longest and masked by `lengths`."""
+        if batch % len(adapter_names):
+            raise ValueError(f"adapter_names: expected one name per batch row ({batch}), got {len(adapter_names)}")
+        names = [name for name in adapter_names for _ in range(batch // len(adapter_names))]  # generate's expansion
+        distinct = list(dict.fromkeys(names))
+        prefixes = [self.prefix_encoders[name]() for name in distinct]  # [L, 2, Hkv, P_a, D] each
+        longest = max(p.shape[3] for p in prefixes)
+        bank = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, longest - p.shape[3])) for p in prefixes], dim=2)
+        device = bank.device
+        index = torch.tensor([distinct.index(name) for name in names], device=device)
+        lengths = torch.tensor([self.prefix_encoders[name].num_virtual_tokens for name in names], device=device)
+        return PrefixStates(kv=bank, index=index, lengths=lengths)
+
+    @staticmethod
+    def _batch_size(kwargs) -> int:
+        tokens = kwargs.get("input_ids")
+        return (tokens if tokens is not None else kwargs["inputs_embeds"]).shape[0]
+
+    @contextlib.contextmanager
+    def _adapters_for_call(self, adapter_names):
+        """Route each batch row to its named adapter for the duration of one forward / generate call."""
+        if adapter_names is not None:
+            if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+                raise TypeError(f"adapter_names: expected a list of adapter names, got {adapter_names!r}")
+            unknown = sorted(set(adapter_names) - set(self.prefix_encoders))
+            if unknown or not adapter_names:
+                raise ValueError(f"adapter_names: unknown adapter(s) {unknown or '(empty list)'}; "
+                                 f"loaded: {sorted(self.prefix_encoders)}")
+            adapter_names = list(adapter_names)
+        self._call_adapter_names = adapter_names
+        try:
+            yield
+        finally:
+            self._call_adapter_names = None
 
     @staticmethod
     def _as_keywords(module, args, kwargs) -> dict:
@@ -123,13 +167,17 @@ class PrefixModel(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
 
-    def forward(self, *args, **kwargs):
-        """The base model's forward (same arguments, same outputs), with the active adapter's prefix."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward (same arguments, same outputs) with the active adapter's prefix, or with
+        `adapter_names` one adapter per batch row (a mixed batch; each row gives what it gives alone)."""
+        with self._adapters_for_call(adapter_names):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """The base model's `generate()`, with the prefix read at every step; its cache never holds the prefix."""
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's `generate()`, with the prefix read at every step (per row with `adapter_names`);
+        the model's cache never holds the prefix."""
+        with self._adapters_for_call(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> PreTrainedModel:
         return self.base_model

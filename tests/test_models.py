@@ -246,3 +246,12 @@ def test_triton_backend_drives_the_model(monkeypatch):
         results.append((out.logits, ours.prefix_encoders["default"].embedding.weight.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_static_cache_generates_as_dynamic(name):
+    _, ours = pair(name)
+    ids, _ = batch(b=2, s=6)
+    dynamic = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    static = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)

@@ -22,11 +22,13 @@ class PrefixStates:
     """Every layer's prefix for one forward call.
 
     `kv` is `[L, 2, Hkv, P, D]` (shared by the batch) or a bank `[L, 2, N, Hkv, P, D]` read through `index`
-    (int64 `[B]`, the bank entry of each row).
+    (int64 `[B]`, the bank entry of each row); `lengths` (int64 `[B]`) marks how many of the P prefix keys
+    are real for each row when bank entries have different lengths.
     """
 
     kv: torch.Tensor
     index: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
 
 def prefix_attention_forward(
@@ -45,7 +47,7 @@ def prefix_attention_forward(
 
     Attention-probability dropout is not applied (the fused kernels have none).
     """
-    index = None
+    index = lengths = None
     if prefix_states is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
@@ -53,7 +55,7 @@ def prefix_attention_forward(
         if layer is None:
             raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
         kv = prefix_states.kv[layer].to(query.dtype)
-        prefix_k, prefix_v, index = kv[0], kv[1], prefix_states.index
+        prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_states.index, prefix_states.lengths
     if attention_mask is not None:
         causal = False  # the mask already holds the causal pattern
         if attention_mask.dtype != torch.bool:
@@ -63,7 +65,7 @@ def prefix_attention_forward(
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
-        causal=causal, scale=scaling, attention_mask=attention_mask, prefix_index=index,
+        causal=causal, scale=scaling, attention_mask=attention_mask, prefix_index=index, prefix_lengths=lengths,
     )
     return out.transpose(1, 2), None
 
