@@ -105,3 +105,11 @@ def test_prefix_lengths(kind, sq, skv):
     tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float32)
     lengths = torch.tensor([7, 0, 3])
     assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, lengths=lengths)
+
+
+@pytest.mark.parametrize("sq, mask", [(1, "padding"), (4, "4d"), (16, None)])
+def test_decode_kernel_with_many_splits(sq, mask):
+    """Decode shapes (Sq <= 16) take the split-KV kernel; a long cache is cut into several splits."""
+    tensors, mask_t, index = make_inputs(1, 4, 1, sq, 70, 5, 16, "bank", mask, dtype=torch.float32)
+    assert_matches_oracle(*_on_device(tensors, mask_t, index), True, backend="triton", atol=2e-5,
+                          lengths=torch.tensor([3], device=DEVICE))

@@ -8,59 +8,23 @@ masking (key blocks past the causal edge are never visited) and the key-padding 
 online softmax in base 2 (logits pre-scaled by scale * log2(e), fp32 accumulators). It writes O and the
 natural-log LSE.
 
+Decode shapes (Sq <= 16) take the split-KV forward of `triton_decode.py` instead; both write O and LSE, which
+is all the backward below needs.
+
 Backward, FlashAttention-2 style: delta = rowsum(dO * O); one kernel per key block computes dK/dV for
 sequence keys and each row's share of the prefix gradients (summed afterwards in fp32, deterministically);
 one kernel per query block computes dQ. Sequence dK/dV are skipped when k and v need no gradient.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_common import LOG2E, attend_range, autotune_configs, causal_end, finish_rows, launch_args, visible_keys
+from .triton_decode import MAX_DECODE_QUERIES, decode_forward
 from .validate import AttentionProblem
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(names):
-    if INTERPRETED:  # the interpreter runs every config it is given; one small config keeps CI fast
-        return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({names[0]: bm, names[1]: bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2))
-    ]
-
-
-@triton.jit
-def _online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
-    """Fold one tile of base-2 logits `s` [BM, BN] and values `v` [BN, BD] into the running (max, sum, acc)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """bool [BM, BN]: which sequence keys `n` the query rows (position i, head h) may attend to."""
-    visible = n_ok[None, :] & row_ok[:, None]
-    if CAUSAL:
-        visible = visible & (n[None, :] <= (SKV - SQ + i)[:, None])
-    if HAS_MASK:
-        ptrs = MASK + b * s_mb + h[:, None] * s_mh + i[:, None] * s_mm + n[None, :] * s_mn
-        visible = visible & (tl.load(ptrs, mask=visible, other=0) != 0)
-    return visible
-
-
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "FEW_ROWS"])
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _forward_kernel(
     Q, K, V, PK, PV, PIDX, PLEN, MASK, O, LSE,
@@ -69,7 +33,7 @@ def _forward_kernel(
     s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_od,
     HKV, G, SQ, SKV, P, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -84,45 +48,24 @@ def _forward_kernel(
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Prefix keys: visible to every query. Shared prefix: s_pkb = 0, so every row reads the same bytes.
+    # Prefix keys first. A shared prefix has s_pkb = 0: every batch row reads the same bytes.
     pb = tl.load(PIDX + b) if HAS_INDEX else b
     p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
-    pk_base = PK + pb * s_pkb + hk * s_pkh
-    pv_base = PV + pb * s_pvb + hk * s_pvh
-    for start in range(0, p_len, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < p_len
-        kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(pv_base + n[:, None] * s_pvn + d[None, :] * s_pvd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
+    m_i, l_i, acc = attend_range(
+        q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
+        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn,
+        False, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
+    # Then the sequence; key blocks past the causal edge of every row here are never visited.
+    m_i, l_i, acc = attend_range(
+        q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
+        0, causal_end(i, row_ok, SQ, SKV, CAUSAL), SKV, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK,
+        s_mb, s_mh, s_mm, s_mn, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
 
-    # Sequence keys, bottom-right causal: key blocks past the last visible key of this block are skipped.
-    hi = SKV
-    if CAUSAL:
-        hi = tl.minimum(SKV, tl.maximum(SKV - SQ + tl.max(tl.where(row_ok, i, 0), 0) + 1, 0))
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    for start in range(0, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < SKV
-        kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * s_vn + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        visible = _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
-        s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
-
-    empty = l_i == 0.0  # no visible key at all: o = 0, lse = -inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = finish_rows(m_i, l_i, acc)
     tl.store(O + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + d[None, :] * s_od, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + (b * (HKV * G) + h) * SQ + i, lse, mask=row_ok)
@@ -162,7 +105,7 @@ def _key_block_grads(
                 visible = n_ok[None, :] & row_ok[:, None]
             else:
                 hb = tl.zeros([BLOCK_M], tl.int64) + h
-                visible = _visible(n, n_ok, i, hb, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+                visible = visible_keys(n, n_ok, i, hb, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
             p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -171,7 +114,7 @@ def _key_block_grads(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dkdv_kernel(
     Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
@@ -221,7 +164,7 @@ def _backward_dkdv_kernel(
         tl.store(DPV + out, dv, mask=write)
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
+@triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dq_kernel(
     Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DQ,
@@ -266,18 +209,15 @@ def _backward_dq_kernel(
         ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
 
-    hi = SKV
-    if CAUSAL:
-        hi = tl.minimum(SKV, tl.maximum(SKV - SQ + tl.max(tl.where(row_ok, i, 0), 0) + 1, 0))
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
-    for start in range(0, hi, BLOCK_N):
+    for start in range(0, causal_end(i, row_ok, SQ, SKV, CAUSAL), BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < SKV
         kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + n[None, :] * s_vn + d[:, None] * s_vd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        visible = _visible(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+        visible = visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -286,41 +226,8 @@ def _backward_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=rd_ok)
 
 
-def _prefix_views(p: AttentionProblem):
-    """(prefix_k, prefix_v, their strides with batch stride 0 for a shared prefix, index tensor or None)."""
-    pk, pv = p.prefix_k, p.prefix_v
-    if pk.dim() == 3:
-        return pk, pv, (0, *pk.stride()), (0, *pv.stride())
-    return pk, pv, pk.stride(), pv.stride()
-
-
-def _mask_view(p: AttentionProblem):
-    """(uint8 mask [B|1, 1|Hq, Sq|1, Skv] or a dummy, its strides with 0 on broadcast dims)."""
-    if p.mask is None:
-        return p.q.new_empty(1, dtype=torch.uint8), (0, 0, 0, 0)
-    m = p.mask.view(torch.uint8)
-    return m, tuple(0 if size == 1 else stride for size, stride in zip(m.shape, m.stride()))
-
-
-def _launch_args(p: AttentionProblem):
-    q, k, v = p.q, p.k, p.v
-    b, hq, sq, d = q.shape
-    hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
-    pk, pv, s_pk, s_pv = _prefix_views(p)
-    mask, s_m = _mask_view(p)
-    dummy = q.new_empty(1, dtype=torch.int64)
-    index = p.prefix_index if p.prefix_index is not None else dummy
-    lengths = p.prefix_lengths if p.prefix_lengths is not None else dummy
-    consts = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
-        HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), (*s_pk, *s_pv, *s_m), consts
-
-
 def _forward(p: AttentionProblem):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = _launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     o = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, Sq, D], as HF wants
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -332,7 +239,7 @@ def _forward(p: AttentionProblem):
     _forward_kernel[grid](
         q, k, v, pk, pv, index, lengths, mask, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
-        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, FEW_ROWS=rows <= 16, **consts,
+        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, **consts,
     )
     return o, lse
 
@@ -348,7 +255,7 @@ def _reduce_prefix_grad(rows: torch.Tensor, p: AttentionProblem) -> torch.Tensor
 
 
 def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_prefix: bool):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = _launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
     lse = lse.contiguous()
@@ -390,7 +297,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
 class _TritonPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
-        o, lse = _forward(p)
+        o, lse = decode_forward(p) if q.shape[2] <= MAX_DECODE_QUERIES else _forward(p)
         ctx.problem = p
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse)
         return o, lse

@@ -1,0 +1,117 @@
+"""Pieces shared by the Triton kernels: the online-softmax step, key visibility, a key-range loop, and the
+launch arguments every kernel takes."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .validate import AttentionProblem
+
+LOG2E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs(names):
+    if INTERPRETED:  # the interpreter runs every config it is given; one small config keeps CI fast
+        return [triton.Config({names[0]: 16, names[1]: 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({names[0]: bm, names[1]: bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2))
+    ]
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """Fold one tile of base-2 logits `s` [BM, BN] and values `v` [BN, BD] into the running (max, sum, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """bool [BM, BN]: which sequence keys `n` the query rows (position i, head h) may attend to."""
+    visible = n_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        visible = visible & (n[None, :] <= (SKV - SQ + i)[:, None])
+    if HAS_MASK:
+        ptrs = MASK + b * s_mb + h[:, None] * s_mh + i[:, None] * s_mm + n[None, :] * s_mn
+        visible = visible & (tl.load(ptrs, mask=visible, other=0) != 0)
+    return visible
+
+
+@triton.jit
+def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, n_end, qk_scale, d, d_ok,
+                  i, h, b, row_ok, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, IS_SEQUENCE: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold keys [lo, hi) (those >= n_end are padding) into the running softmax of the query rows `q` [BM, BD].
+    Prefix keys are seen by every row; sequence keys pass the causal band and the mask."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < n_end
+        kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * s_vn + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
+        if IS_SEQUENCE:
+            visible = visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+        else:
+            visible = n_ok[None, :] & row_ok[:, None]
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, tl.where(visible, s, float("-inf")), v, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def causal_end(i, row_ok, SQ, SKV, CAUSAL: tl.constexpr):
+    """One past the last sequence key any of these query rows can see (bottom-right causal)."""
+    if CAUSAL:
+        return tl.minimum(SKV, tl.maximum(SKV - SQ + tl.max(tl.where(row_ok, i, 0), 0) + 1, 0))
+    return SKV
+
+
+@triton.jit
+def finish_rows(m_i, l_i, acc):
+    """(o, natural-log lse) of the running softmax; rows that saw no key give o = 0, lse = -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    return acc / l_safe[:, None], lse
+
+
+def prefix_views(p: AttentionProblem):
+    """(prefix_k, prefix_v, their strides with batch stride 0 for a shared prefix, index tensor or None)."""
+    pk, pv = p.prefix_k, p.prefix_v
+    if pk.dim() == 3:
+        return pk, pv, (0, *pk.stride()), (0, *pv.stride())
+    return pk, pv, pk.stride(), pv.stride()
+
+
+def mask_view(p: AttentionProblem):
+    """(uint8 mask [B|1, 1|Hq, Sq|1, Skv] or a dummy, its strides with 0 on broadcast dims)."""
+    if p.mask is None:
+        return p.q.new_empty(1, dtype=torch.uint8), (0, 0, 0, 0)
+    m = p.mask.view(torch.uint8)
+    return m, tuple(0 if size == 1 else stride for size, stride in zip(m.shape, m.stride()))
+
+
+def launch_args(p: AttentionProblem):
+    q, k, v = p.q, p.k, p.v
+    b, hq, sq, d = q.shape
+    hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
+    pk, pv, s_pk, s_pv = prefix_views(p)
+    mask, s_m = mask_view(p)
+    dummy = q.new_empty(1, dtype=torch.int64)
+    index = p.prefix_index if p.prefix_index is not None else dummy
+    lengths = p.prefix_lengths if p.prefix_lengths is not None else dummy
+    consts = dict(
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
+        HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), (*s_pk, *s_pv, *s_m), consts
