@@ -8,6 +8,8 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# The task heads that train (and are saved) alongside the prefix, by PEFT's module names.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 PEFT_TYPE = "PREFIX_TUNING"
 
 
@@ -18,7 +20,8 @@ class PrefixTuningConfig:
     Fields left None (`token_dim`, `num_attention_heads`, `num_layers`, `encoder_hidden_size`,
     `num_transformer_submodules`) are filled from the base model's config by `resolve`, exactly as PEFT does.
     With grouped-query attention the prefix is stored per KV head: `token_dim = head_dim * num_key_value_heads`
-    and `num_attention_heads = num_key_value_heads`.
+    and `num_attention_heads = num_key_value_heads`. `modules_to_save` names the task head that trains with the
+    prefix (PEFT's default for SEQ_CLS / TOKEN_CLS: "classifier", "score"; QUESTION_ANS: "qa_outputs").
 
     >>> PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20).num_virtual_tokens
     20
@@ -36,6 +39,7 @@ class PrefixTuningConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    modules_to_save: list[str] | None = None
     peft_type: str = PEFT_TYPE
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -87,6 +91,8 @@ class PrefixTuningConfig:
             raise ValueError("num_virtual_tokens: expected a positive int, got None")
         if values["encoder_hidden_size"] is None:
             values["encoder_hidden_size"] = values["token_dim"]
+        if values["modules_to_save"] is None and self.task_type in TASK_HEADS:
+            values["modules_to_save"] = list(TASK_HEADS[self.task_type])
         if values["base_model_name_or_path"] is None:
             values["base_model_name_or_path"] = getattr(model_config, "_name_or_path", None) or None
         return PrefixTuningConfig(**values)

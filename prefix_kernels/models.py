@@ -15,6 +15,7 @@ from .integrations.transformers import PrefixStates, register
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 TABLE_KEY = "prompt_embeddings"
+HEAD_PREFIX = "base_model."  # PEFT's key prefix for the task head saved with the prefix
 
 
 def _adapter_dir(directory, adapter_name: str) -> str:
@@ -22,8 +23,9 @@ def _adapter_dir(directory, adapter_name: str) -> str:
     return os.fspath(directory) if adapter_name == "default" else os.path.join(directory, adapter_name)
 
 
-def _read_adapter(directory) -> tuple[PrefixTuningConfig, torch.Tensor]:
-    """(config, `prompt_embeddings` table) of a saved adapter; safetensors and JSON only, never pickle."""
+def _read_adapter(directory) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved adapter: `prompt_embeddings` and any task-head weights (`base_model.*`);
+    safetensors and JSON only, never pickle."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory: {directory!r} is not a directory")
@@ -39,7 +41,22 @@ def _read_adapter(directory) -> tuple[PrefixTuningConfig, torch.Tensor]:
         raise ValueError(f"{WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None
     if TABLE_KEY not in tensors:
         raise ValueError(f"{WEIGHTS_NAME}: expected a tensor named {TABLE_KEY!r}, found {sorted(tensors)}")
-    return config, tensors[TABLE_KEY]
+    return config, tensors
+
+
+def _check_loadable(model: PreTrainedModel, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor]):
+    """Raise before anything is changed if the saved table or head weights don't fit `model`."""
+    PrefixEncoder(config.resolve(model.config)).load_table(tensors[TABLE_KEY])
+    params = dict(model.named_parameters())
+    for key, tensor in tensors.items():
+        if key == TABLE_KEY:
+            continue
+        name = key.removeprefix(HEAD_PREFIX)
+        if not key.startswith(HEAD_PREFIX) or name not in params:
+            raise ValueError(f"{WEIGHTS_NAME}: {key!r} is neither {TABLE_KEY!r} nor a parameter of the model")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{WEIGHTS_NAME}: {key!r} has shape {list(tensor.shape)}, the model's is "
+                             f"{list(params[name].shape)}")
 
 
 class PrefixModel(nn.Module):
@@ -65,14 +82,24 @@ class PrefixModel(nn.Module):
         if not isinstance(config, PrefixTuningConfig):
             raise TypeError(f"config: expected a PrefixTuningConfig, got {type(config).__name__}")
         config = config.resolve(model.config)
+        if not model._can_set_attn_implementation():
+            raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
+                             "AttentionInterface, so prefix_kernels cannot reach it")
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._call_adapter_names: list[str] | None = None
         model.requires_grad_(False)
+        self.heads = [name for name, _ in model.named_modules()
+                      if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
+        for name in self.heads:
+            model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
         self._forward_params = set(inspect.signature(model.forward).parameters)
+        self._padding_positions = next(
+            ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
+             if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
         self._previous_attention = model.config._attn_implementation
         model.set_attn_implementation(register())
         self._hook = model.register_forward_pre_hook(self._inject_prefix, with_kwargs=True)
@@ -106,7 +133,7 @@ class PrefixModel(nn.Module):
             offsets = states.lengths[:, None]
         kwargs["prefix_states"] = states
         if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = self._positions(kwargs) + offsets
+            kwargs["position_ids"] = self._positions(kwargs, offsets)
         return (), kwargs
 
     def _bank_states(self, adapter_names: list[str], batch: int) -> PrefixStates:
@@ -155,17 +182,20 @@ class PrefixModel(nn.Module):
                 bound.update(bound.pop(name, {}))
         return bound
 
-    @staticmethod
-    def _positions(kwargs) -> torch.Tensor:
-        """The model's own default positions when none are given: past length + arange(S), shape [1, S]."""
+    def _positions(self, kwargs, offsets) -> torch.Tensor:
+        """Positions of the real tokens, shifted by the prefix length (an int, or [B, 1] per row): the given
+        `position_ids`, else the model's own numbering as if P tokens came before the cache."""
         if kwargs.get("position_ids") is not None:
-            return kwargs["position_ids"]
+            return kwargs["position_ids"] + offsets
         tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
+        if tokens is not None and self._padding_positions is not None:
+            numbering, padding_idx = self._padding_positions  # RoBERTa's family: numbered after padding_idx
+            return numbering(tokens, padding_idx, past + offsets)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward (same arguments, same outputs) with the active adapter's prefix, or with
@@ -198,11 +228,14 @@ class PrefixModel(nn.Module):
         """Load a saved adapter (ours or PEFT's) under `adapter_name`; on any error the model is unchanged."""
         if adapter_name in self.prefix_encoders:
             raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
-        config, table = _read_adapter(directory)
+        config, tensors = _read_adapter(directory)
         config.inference_mode = not is_trainable
-        config = config.resolve(self.base_model.config)
-        PrefixEncoder(config).load_table(table)  # validates the table before the model is touched
-        self._add_adapter(adapter_name, config).load_table(table)
+        _check_loadable(self.base_model, config, tensors)
+        heads = sorted(k for k in tensors if k != TABLE_KEY)
+        if heads:
+            raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(heads)}); a model holds "
+                             "one head, so load it with PrefixModel.from_pretrained")
+        self._add_adapter(adapter_name, config.resolve(self.base_model.config)).load_table(tensors[TABLE_KEY])
 
     @classmethod
     def from_pretrained(cls, model: PreTrainedModel, directory, adapter_name: str = "default",
@@ -211,20 +244,29 @@ class PrefixModel(nn.Module):
 
         With `is_trainable=True` training resumes on the saved table (an MLP projection, if any, is folded).
         """
-        config, table = _read_adapter(directory)
+        config, tensors = _read_adapter(directory)
         config.inference_mode = not is_trainable
-        PrefixEncoder(config.resolve(model.config)).load_table(table)  # fail before wrapping the model
+        _check_loadable(model, config, tensors)  # fail before wrapping the model
         wrapped = cls(model, config, adapter_name)
-        wrapped.prefix_encoders[adapter_name].load_table(table)
+        wrapped.prefix_encoders[adapter_name].load_table(tensors[TABLE_KEY])
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if key != TABLE_KEY:
+                    params[key.removeprefix(HEAD_PREFIX)].copy_(tensor)
+        if not is_trainable:
+            model.requires_grad_(False)
         return wrapped
 
     def save_pretrained(self, directory) -> None:
         """PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (`prompt_embeddings`) per adapter."""
+        heads = {f"{HEAD_PREFIX}{head}.{name}": param.detach().to("cpu").contiguous()
+                 for head in self.heads for name, param in self.base_model.get_submodule(head).named_parameters()}
         for name, encoder in self.prefix_encoders.items():
             target = _adapter_dir(directory, name)
             self.peft_config[name].save_pretrained(target)
             table = encoder.flat_table().detach().to("cpu").contiguous()
-            save_file({TABLE_KEY: table}, os.path.join(target, WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file({TABLE_KEY: table, **heads}, os.path.join(target, WEIGHTS_NAME), metadata={"format": "pt"})
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
