@@ -85,6 +85,10 @@ class PrefixModel(nn.Module):
         if not model._can_set_attn_implementation():
             raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
                              "AttentionInterface, so prefix_kernels cannot reach it")
+        softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise ValueError(f"model: {model.config.model_type} caps attention logits (attn_logit_softcapping="
+                             f"{softcap}), which prefix_attention does not implement; expected None")
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
