@@ -54,6 +54,11 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int):
         if not _triton_takes(head_dim):
             raise ValueError(f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}")
     if name == "cuda":
-        raise RuntimeError(f"{source}='cuda' cannot run here: the CUDA C++ backend is not available yet")
+        from . import cuda_prefix_attention
+
+        why = cuda_prefix_attention.why_not_runnable(device)
+        if why:
+            raise RuntimeError(f"{source}='cuda' cannot run here: {why}")
+        return cuda_prefix_attention.cuda_prefix_attention
     return _kernel(name)
 
