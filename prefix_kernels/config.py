@@ -61,6 +61,16 @@ class PrefixTuningConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        for name in ("prefix_projection", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected a string or None, got {getattr(self, name)!r}")
+        modules = self.modules_to_save
+        names = isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules)
+        if modules is not None and not names:
+            raise ValueError(f"modules_to_save: expected a list of module names or None, got {modules!r}")
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"num_transformer_submodules: expected 1, 2 or None, got {self.num_transformer_submodules}")
         if self.token_dim is not None and self.num_attention_heads is not None:
@@ -82,7 +92,7 @@ class PrefixTuningConfig:
             given = values[name]
             if given is None:
                 values[name] = model_value
-            elif name != "encoder_hidden_size" and given != model_value:
+            elif name not in ("encoder_hidden_size", "num_transformer_submodules") and given != model_value:
                 raise ValueError(
                     f"{name}: the config says {given} but the model ({getattr(model_config, 'model_type', '?')}) "
                     f"needs {model_value}"
@@ -126,6 +136,8 @@ class PrefixTuningConfig:
                 values = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{CONFIG_NAME}: expected a JSON object of config fields, got {type(values).__name__}")
         return cls.from_dict(values)
 
 

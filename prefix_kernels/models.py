@@ -29,12 +29,12 @@ def _read_adapter(directory) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory: {directory!r} is not a directory")
-    config = PrefixTuningConfig.from_pretrained(directory)
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        found = ", ".join(sorted(os.listdir(directory)))
+    if not os.path.isfile(path):  # checked first: a pickle-only directory is told why it is refused
+        found = ", ".join(sorted(os.listdir(directory))) or "nothing"
         raise ValueError(f"directory: expected {WEIGHTS_NAME} (safetensors is required; pickle files are refused), "
                          f"found: {found}")
+    config = PrefixTuningConfig.from_pretrained(directory)
     try:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
@@ -100,6 +100,7 @@ class PrefixModel(nn.Module):
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
+        self._slots = _decoder_self_attention_slots(model, config)
         self._forward_params = set(inspect.signature(model.forward).parameters)
         self._padding_positions = next(
             ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
@@ -131,7 +132,7 @@ class PrefixModel(nn.Module):
             kwargs = self._as_keywords(module, args, kwargs)
         if self._call_adapter_names is None:
             encoder = self.prefix_encoders[self.active_adapter]
-            states, offsets = PrefixStates(kv=encoder()), encoder.num_virtual_tokens
+            states, offsets = PrefixStates(kv=encoder(), slots=self._slots), encoder.num_virtual_tokens
         else:
             states = self._bank_states(self._call_adapter_names, self._batch_size(kwargs))
             offsets = states.lengths[:, None]
@@ -153,12 +154,14 @@ class PrefixModel(nn.Module):
         device = bank.device
         index = torch.tensor([distinct.index(name) for name in names], device=device)
         lengths = torch.tensor([self.prefix_encoders[name].num_virtual_tokens for name in names], device=device)
-        return PrefixStates(kv=bank, index=index, lengths=lengths)
+        return PrefixStates(kv=bank, index=index, lengths=lengths, slots=self._slots)
 
     @staticmethod
     def _batch_size(kwargs) -> int:
-        tokens = kwargs.get("input_ids")
-        return (tokens if tokens is not None else kwargs["inputs_embeds"]).shape[0]
+        for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+            if kwargs.get(name) is not None:
+                return kwargs[name].shape[0]
+        return kwargs["encoder_outputs"][0].shape[0]
 
     @contextlib.contextmanager
     def _adapters_for_call(self, adapter_names):
@@ -291,6 +294,24 @@ class PrefixModel(nn.Module):
         self._hook.remove()
         self.base_model.set_attn_implementation(self._previous_attention)
         return self.base_model
+
+
+def _decoder_self_attention_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict | None:
+    """Encoder-decoders: which layer of the prefix each decoder self-attention reads (None: decoder-only models,
+    where every attention reads its own layer_idx). Encoder self-attention and cross-attention get no prefix, as
+    in PEFT. With PEFT's `num_transformer_submodules=2`, decoder layer i reads PEFT's layer (2 * i) mod L, the
+    slot PEFT's own cache construction gives it, so PEFT-trained tables keep their meaning."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return None
+    slots = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        layer = getattr(module, "layer_idx", None)
+        if layer is not None and "decoder" in parts and parts[-1] in ("SelfAttention", "self_attn"):
+            slots[module] = (2 * layer) % config.num_layers if config.num_transformer_submodules == 2 else layer
+    if not slots:
+        raise ValueError(f"model: found no decoder self-attention in {model.config.model_type}")
+    return slots
 
 
 def get_prefix_model(model: PreTrainedModel, config: PrefixTuningConfig,

@@ -1,6 +1,7 @@
 """Many adapters over one base model: loading, switching, and mixed batches read from one bank."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_unknown_adapter_names_are_named(saved_adapters):
 def test_failed_load_leaves_the_model_unchanged(saved_adapters, tmp_path):
     model = load_all(saved_adapters)
     before = copy.deepcopy(model.state_dict())
-    (tmp_path / "broken").mkdir()
+    shutil.copytree(saved_adapters["short"], tmp_path / "broken")
     (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="^adapter_config.json: not valid JSON"):
         model.load_adapter(tmp_path / "broken", adapter_name="broken")

@@ -92,3 +92,11 @@ def test_prefix_lengths(kind, sq, skv):
     tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float64)
     lengths = torch.tensor([7, 0, 3])
     assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, lengths=lengths)
+
+
+@pytest.mark.parametrize("sq, skv, heads", [(1, 9, 4), (6, 11, 1), (33, 33, 4)])
+def test_attention_bias(sq, skv, heads):
+    """An additive bias on the sequence keys only (T5's relative position bias), with masks and causality."""
+    tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 5, 16, "shared", "padding", dtype=torch.float64)
+    bias = torch.randn(1, heads, sq, skv, dtype=torch.float64, device=tensors[0].device)
+    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, bias=bias)

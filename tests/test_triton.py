@@ -113,3 +113,11 @@ def test_decode_kernel_with_many_splits(sq, mask):
     tensors, mask_t, index = make_inputs(1, 4, 1, sq, 70, 5, 16, "bank", mask, dtype=torch.float32)
     assert_matches_oracle(*_on_device(tensors, mask_t, index), True, backend="triton", atol=2e-5,
                           lengths=torch.tensor([3], device=DEVICE))
+
+
+@pytest.mark.parametrize("sq, skv, heads", [(1, 9, 4), (6, 11, 1), (33, 33, 4)])
+def test_attention_bias(sq, skv, heads):
+    """An additive bias on the sequence keys only (T5's relative position bias), with masks and causality."""
+    tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 5, 16, "shared", "padding", dtype=torch.float32)
+    bias = torch.randn(1, heads, sq, skv, dtype=torch.float32, device=tensors[0].device)
+    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias)

@@ -29,6 +29,16 @@ class PrefixStates:
     kv: torch.Tensor
     index: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    slots: dict[torch.nn.Module, int] | None = None  # attention module -> its layer of `kv`; absent: no prefix
+
+    def slot(self, module: torch.nn.Module) -> int | None:
+        """The layer of `kv` that `module` reads: its `layer_idx`, or per `slots` (encoder-decoders)."""
+        if self.slots is not None:
+            return self.slots.get(module)
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
+        return layer
 
 
 def prefix_attention_forward(
@@ -41,20 +51,20 @@ def prefix_attention_forward(
     dropout: float = 0.0,
     prefix_states: PrefixStates | None = None,
     is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,  # T5's relative position bias [1, Hq, Sq, Skv]
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
 
-    Attention-probability dropout is not applied (the fused kernels have none).
+    Attention-probability dropout is not applied (the fused kernels have none). A position bias applies to the
+    sequence keys only: prefix keys are virtual tokens with no position.
     """
     index = lengths = None
-    if prefix_states is None:
+    slot = None if prefix_states is None else prefix_states.slot(module)
+    if slot is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
-        layer = getattr(module, "layer_idx", None)
-        if layer is None:
-            raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
-        kv = prefix_states.kv[layer].to(query.dtype)
+        kv = prefix_states.kv[slot].to(query.dtype)
         prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_states.index, prefix_states.lengths
     if attention_mask is not None:
         causal = False  # the mask already holds the causal pattern
@@ -66,6 +76,7 @@ def prefix_attention_forward(
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
         causal=causal, scale=scaling, attention_mask=attention_mask, prefix_index=index, prefix_lengths=lengths,
+        attention_bias=position_bias,
     )
     return out.transpose(1, 2), None
 

@@ -18,6 +18,7 @@ def prefix_attention(
     attention_mask: torch.Tensor | None = None,
     prefix_index: torch.Tensor | None = None,
     prefix_lengths: torch.Tensor | None = None,
+    attention_bias: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -40,6 +41,8 @@ def prefix_attention(
         prefix_index: int64 `[B]`, row b reads bank entry `prefix_index[b]`.
         prefix_lengths: int64 `[B]` (with a per-row or bank prefix): row b sees only its first
             `prefix_lengths[b]` prefix keys, the rest being padding — adapters of different lengths in one batch.
+        attention_bias: float `[B or 1, Hq or 1, Sq or 1, Skv]` added to the logits of the sequence keys (not
+            the prefix keys), e.g. T5's relative position bias. It receives no gradient.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch;
             the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
@@ -67,7 +70,7 @@ def prefix_attention(
     problem = check_inputs(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
-        prefix_lengths=prefix_lengths,
+        prefix_lengths=prefix_lengths, attention_bias=attention_bias,
     )
     kernel = select_backend(backend, q.device, q.shape[-1])
     o, lse = kernel(problem)

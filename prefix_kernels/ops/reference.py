@@ -11,6 +11,8 @@ kernel's backward yields exactly the sequence keys' share of dQ together with dK
 is computed here with the same formula, `dS = P * (dP - rowsum(dO * O))`.
 """
 
+import dataclasses
+
 import torch
 
 from .validate import AttentionProblem
@@ -51,11 +53,11 @@ def _fold(t: torch.Tensor, shared: bool) -> torch.Tensor:
     return t.transpose(0, 1).reshape(h, b * m, *t.shape[3:])
 
 
-def _unfold(t: torch.Tensor, shared: bool, batch: int) -> torch.Tensor:
+def _unfold(t: torch.Tensor, shared: bool, batch: int, rows: int) -> torch.Tensor:
+    """[Hkv, B*M, X] -> [B, Hkv, M, X], undoing `_fold` (M is given: it cannot be inferred when B = 0)."""
     if not shared:
         return t
-    h, bm = t.shape[:2]
-    return t.reshape(h, batch, bm // batch, *t.shape[2:]).transpose(0, 1)
+    return t.reshape(t.shape[0], batch, rows, *t.shape[2:]).transpose(0, 1)
 
 
 def _rowwise_prefix(p: AttentionProblem, acc: torch.dtype):
@@ -76,12 +78,13 @@ def _prefix_visible(p: AttentionProblem) -> torch.Tensor | None:
 
 def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     """Attention of grouped queries `[B, Hkv, M, D]` over the prefix alone: (o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`)."""
-    b = qg.shape[0]
+    b, m = qg.shape[0], qg.shape[2]
     pk, pv = _rowwise_prefix(p, qg.dtype)
     shared = p.shared_prefix
     s = torch.matmul(_fold(qg, shared), (pk * p.scale).transpose(-1, -2))  # [.., rows, P], scale folded into pk
     if s.shape[-1] == 0:  # P = 0: zeros, kept in the graph so an empty prefix gets its (empty) gradient
-        return _unfold(torch.matmul(s, pv), shared, b), _unfold(s.new_full(s.shape[:-1], float("-inf")), shared, b)
+        empty_lse = s.new_full(s.shape[:-1], float("-inf"))
+        return _unfold(torch.matmul(s, pv), shared, b, m), _unfold(empty_lse, shared, b, m)
     visible = _prefix_visible(p)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
@@ -90,7 +93,7 @@ def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     total = e.sum(dim=-1, keepdim=True)
     o = torch.matmul(e, pv) / total.clamp_min(1.0)  # total >= 1 whenever a key is seen (the max gives exp(0))
     lse = (top + total.log()).squeeze(-1)
-    return _unfold(o, shared, b), _unfold(lse, shared, b)
+    return _unfold(o, shared, b, m), _unfold(lse, shared, b, m)
 
 
 def _merge(o_seq, lse_seq, o_pre, lse_pre):
@@ -105,12 +108,15 @@ def _attend_matmul(p: AttentionProblem):
     q, hkv = p.q, p.k.shape[1]
     acc = _acc_dtype(q.dtype)
     b, hq, sq, d = q.shape
+    skv = p.k.shape[2]
     qg = _grouped(q, hkv).to(acc)  # [B, Hkv, M, D]
     s = torch.matmul(qg, p.k.to(acc).transpose(-1, -2)) * p.scale  # [B, Hkv, M, Skv]
+    if p.bias is not None:
+        s = (s.view(b, hkv, hq // hkv, sq, skv) + _grouped_like_scores(p.bias.to(acc), hkv)).view_as(s)
     mask = sequence_mask(p)
     if mask is not None:
         mask = mask.expand(b, hq, sq, -1) if mask.shape[1] == hq else mask.expand(b, 1, sq, -1)
-        s = s.view(b, hkv, hq // hkv, sq, -1).masked_fill(~_grouped_mask(mask, hkv), float("-inf")).view_as(s)
+        s = s.view(b, hkv, hq // hkv, sq, skv).masked_fill(~_grouped_like_scores(mask, hkv), float("-inf")).view_as(s)
     lse_seq = torch.logsumexp(s, dim=-1)
     o_seq = torch.matmul(torch.exp(s - lse_seq.masked_fill(lse_seq.isinf(), 0.0)[..., None]), p.v.to(acc))
     o_pre, lse_pre = _prefix_part(p, qg)
@@ -118,24 +124,25 @@ def _attend_matmul(p: AttentionProblem):
     return o.reshape(b, hq, sq, d).to(q.dtype), lse.reshape(b, hq, sq).float()
 
 
-def _grouped_mask(mask: torch.Tensor, hkv: int) -> torch.Tensor:
-    """bool [B, 1|Hq, Sq, Skv] -> broadcastable against scores viewed as [B, Hkv, G, Sq, Skv]."""
-    b, h, sq, skv = mask.shape
+def _grouped_like_scores(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """A mask or bias [B|1, 1|Hq, Sq|1, Skv] -> broadcastable against scores viewed as [B, Hkv, G, Sq, Skv]."""
+    b, h, sq, skv = t.shape
     if h == 1:
-        return mask[:, :, None]
-    return mask.reshape(b, hkv, h // hkv, sq, skv)
+        return t[:, :, None]
+    return t.reshape(b, hkv, h // hkv, sq, skv)
 
 
 def _flash_mask(p: AttentionProblem):
     """(is_causal, additive mask or None, bool `[B|1, 1|Hq, Sq]` of rows with no visible sequence key or None)."""
     sq, skv = p.q.shape[2], p.k.shape[2]
+    bias = None if p.bias is None else p.bias.to(p.q.dtype)
     if p.mask is None and (not p.causal or sq == 1):
-        return False, None, None
-    if p.mask is None and sq == skv:
+        return False, bias, None
+    if p.mask is None and sq == skv and bias is None:
         return True, None, None  # top-left and bottom-right causal coincide
     mask = sequence_mask(p)
     additive = torch.zeros(mask.shape, dtype=p.q.dtype, device=p.q.device).masked_fill_(~mask, float("-inf"))
-    return False, additive, ~mask.any(dim=-1)
+    return False, additive if bias is None else additive + bias, ~mask.any(dim=-1)
 
 
 def _cpu_flash_prefix(p: AttentionProblem):
@@ -215,7 +222,7 @@ def _prefix_backward(p: AttentionProblem, q, o, d_o, lse_rows, hkv, acc, need_pr
     if visible is not None:
         probs = probs.masked_fill(~visible, 0.0)
     ds = probs * (torch.matmul(dog, pv.transpose(-1, -2)) - delta[..., None])
-    dq = _unfold(torch.matmul(ds, pk) * p.scale, shared, b).reshape(b, hq, sq, d)
+    dq = _unfold(torch.matmul(ds, pk) * p.scale, shared, b, (hq // hkv) * sq).reshape(b, hq, sq, d)
     dpk = dpv = None
     if any(need_prefix_grads):
         dpk = torch.matmul(ds.transpose(-1, -2), qg) * p.scale
@@ -228,10 +235,17 @@ def _prefix_backward(p: AttentionProblem, q, o, d_o, lse_rows, hkv, acc, need_pr
     return dq, dpk, dpv
 
 
+def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def torch_prefix_attention(p: AttentionProblem):
     """Backend "torch": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32)."""
     q, k = p.q, p.k
     rows = q.shape[1] // k.shape[1] * q.shape[2]
     if q.device.type == "cpu" and k.shape[2] > 0 and rows >= _FLASH_MIN_ROWS and q.numel() > 0:
-        return _CpuFlashPrefixAttention.apply(q, k, p.v, p.prefix_k, p.prefix_v, p)
+        # The CPU flash kernel assumes a unit stride along D: a gapped view is copied (under autograd) first.
+        p = dataclasses.replace(p, **{name: _unit_stride_d(getattr(p, name))
+                                      for name in ("q", "k", "v", "prefix_k", "prefix_v")})
+        return _CpuFlashPrefixAttention.apply(p.q, p.k, p.v, p.prefix_k, p.prefix_v, p)
     return _attend_matmul(p)

@@ -35,24 +35,29 @@ def online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """bool [BM, BN]: which sequence keys `n` the query rows (position i, head h) may attend to."""
+def sequence_logits(s, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, row_ok,
+                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Base-2 logits `s` [BM, BN] of sequence keys `n`, plus the additive bias, with -inf where the query rows
+    (position i, head h) may not attend: outside the causal band, masked out, or padding."""
     visible = n_ok[None, :] & row_ok[:, None]
     if CAUSAL:
         visible = visible & (n[None, :] <= (SKV - SQ + i)[:, None])
     if HAS_MASK:
         ptrs = MASK + b * s_mb + h[:, None] * s_mh + i[:, None] * s_mm + n[None, :] * s_mn
         visible = visible & (tl.load(ptrs, mask=visible, other=0) != 0)
-    return visible
+    if HAS_BIAS:
+        ptrs = BIAS + b * s_bb + h[:, None] * s_bh + i[:, None] * s_bm + n[None, :] * s_bn
+        s = s + tl.load(ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(visible, s, float("-inf"))
 
 
 @triton.jit
 def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, n_end, qk_scale, d, d_ok,
-                  i, h, b, row_ok, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, IS_SEQUENCE: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 i, h, b, row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+                 IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold keys [lo, hi) (those >= n_end are padding) into the running softmax of the query rows `q` [BM, BD].
-    Prefix keys are seen by every row; sequence keys pass the causal band and the mask."""
+    Prefix keys are seen by every row, unbiased; sequence keys get the bias and pass the causal band and mask."""
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < n_end
@@ -60,10 +65,11 @@ def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, h
         v = tl.load(v_base + n[:, None] * s_vn + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
         if IS_SEQUENCE:
-            visible = visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
+            s = sequence_logits(s, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
+                                s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
         else:
-            visible = n_ok[None, :] & row_ok[:, None]
-        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, tl.where(visible, s, float("-inf")), v, PRECISION)
+            s = tl.where(n_ok[None, :] & row_ok[:, None], s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
     return m_i, l_i, acc
 
 
@@ -92,12 +98,12 @@ def prefix_views(p: AttentionProblem):
     return pk, pv, pk.stride(), pv.stride()
 
 
-def mask_view(p: AttentionProblem):
-    """(uint8 mask [B|1, 1|Hq, Sq|1, Skv] or a dummy, its strides with 0 on broadcast dims)."""
-    if p.mask is None:
-        return p.q.new_empty(1, dtype=torch.uint8), (0, 0, 0, 0)
-    m = p.mask.view(torch.uint8)
-    return m, tuple(0 if size == 1 else stride for size, stride in zip(m.shape, m.stride()))
+def broadcast_view(t: torch.Tensor | None, dtype: torch.dtype, dummy: torch.Tensor):
+    """(t viewed as `dtype`, or a dummy; its strides with 0 on broadcast dims) for a mask or bias."""
+    if t is None:
+        return dummy, (0, 0, 0, 0)
+    t = t.view(dtype)
+    return t, tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
 def launch_args(p: AttentionProblem):
@@ -105,13 +111,15 @@ def launch_args(p: AttentionProblem):
     b, hq, sq, d = q.shape
     hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
     pk, pv, s_pk, s_pv = prefix_views(p)
-    mask, s_m = mask_view(p)
     dummy = q.new_empty(1, dtype=torch.int64)
-    index = p.prefix_index if p.prefix_index is not None else dummy
-    lengths = p.prefix_lengths if p.prefix_lengths is not None else dummy
+    mask, s_m = broadcast_view(p.mask, torch.uint8, dummy)
+    bias, s_b = broadcast_view(p.bias, p.bias.dtype if p.bias is not None else q.dtype, dummy)
+    # The kernels read row b's entry at offset b: a sliced (strided) index or lengths tensor gets a copy.
+    index = p.prefix_index.contiguous() if p.prefix_index is not None else dummy
+    lengths = p.prefix_lengths.contiguous() if p.prefix_lengths is not None else dummy
     consts = dict(
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
-        HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
+        HAS_BIAS=p.bias is not None, HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), (*s_pk, *s_pv, *s_m), consts
+    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), (*s_pk, *s_pv, *s_m, *s_b), consts

@@ -20,19 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, attend_range, autotune_configs, causal_end, finish_rows, launch_args, visible_keys
+from .triton_common import LOG2E, attend_range, autotune_configs, causal_end, finish_rows, launch_args, sequence_logits
 from .triton_decode import MAX_DECODE_QUERIES, decode_forward
 from .validate import AttentionProblem
 
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, O, LSE,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, O, LSE,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
-    s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_ob, s_oh, s_om, s_od,
     HKV, G, SQ, SKV, P, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -57,13 +57,13 @@ def _forward_kernel(
     p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
-        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn,
-        False, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
+        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+        False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
     # Then the sequence; key blocks past the causal edge of every row here are never visited.
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
-        0, causal_end(i, row_ok, SQ, SKV, CAUSAL), SKV, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK,
-        s_mb, s_mh, s_mm, s_mn, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_N)
+        0, causal_end(i, row_ok, SQ, SKV, CAUSAL), SKV, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
+        s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
 
     o, lse = finish_rows(m_i, l_i, acc)
     tl.store(O + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + d[None, :] * s_od, o.to(O.dtype.element_ty),
@@ -73,10 +73,10 @@ def _forward_kernel(
 
 @triton.jit
 def _key_block_grads(
-    kt_ptrs, v_ptrs, n_start, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
-    s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
+    kt_ptrs, v_ptrs, n_start, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
+    s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
     HKV, G, SQ, SKV, qk_scale, d, d_ok,
-    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV [BN, BD] (fp32, unscaled dK) of one block of keys, summed over every query row that sees it."""
@@ -102,11 +102,12 @@ def _key_block_grads(
             delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             if IS_PREFIX:
-                visible = n_ok[None, :] & row_ok[:, None]
+                s = tl.where(n_ok[None, :] & row_ok[:, None], s, float("-inf"))
             else:
                 hb = tl.zeros([BLOCK_M], tl.int64) + h
-                visible = visible_keys(n, n_ok, i, hb, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
-            p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # [BM, BN]
+                s = sequence_logits(s, n, n_ok, i, hb, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
+                                    s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
+            p = tl.math.exp2(s - lse[:, None])  # [BM, BN], 0 where not visible
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -117,12 +118,12 @@ def _key_block_grads(
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dkdv_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, DO, LSE, DELTA, DK, DV, DPK, DPV,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
-    s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
+    s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr, NEED_DKV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -141,9 +142,9 @@ def _backward_dkdv_kernel(
         dk, dv = _key_block_grads(
             K + b * s_kb + hk * s_kh + n[None, :] * s_kn + d[:, None] * s_kd,
             V + b * s_vb + hk * s_vh + n[:, None] * s_vn + d[None, :] * s_vd,
-            pid_n * BLOCK_N, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
-            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
-            HKV, G, SQ, SKV, qk_scale, d, d_ok, False, CAUSAL, HAS_MASK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            pid_n * BLOCK_N, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
+            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+            HKV, G, SQ, SKV, qk_scale, d, d_ok, False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * SKV + n[:, None]) * HEAD_DIM + d[None, :]  # DK, DV: contiguous [B, Hkv, Skv, D]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
@@ -155,9 +156,9 @@ def _backward_dkdv_kernel(
         dk, dv = _key_block_grads(
             PK + pb * s_pkb + hk * s_pkh + n[None, :] * s_pkn + d[:, None] * s_pkd,
             PV + pb * s_pvb + hk * s_pvh + n[:, None] * s_pvn + d[None, :] * s_pvd,
-            0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK,
-            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn,
-            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
+            s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * P + n[:, None]) * HEAD_DIM + d[None, :]  # per-row partials, fp32
         write = (n < P)[:, None] & d_ok[None, :]  # padding past p_len gets its zeros written too
         tl.store(DPK + out, dk * scale, mask=write)
@@ -167,12 +168,12 @@ def _backward_dkdv_kernel(
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dq_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, DO, LSE, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
-    s_mb, s_mh, s_mm, s_mn, s_dob, s_doh, s_dom, s_dod,
+    s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale, s_dqb, s_dqh, s_dqm, s_dqd,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -216,9 +217,9 @@ def _backward_dq_kernel(
         n_ok = n < SKV
         kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + n[None, :] * s_vn + d[:, None] * s_vd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        visible = visible_keys(n, n_ok, i, h, b, SQ, SKV, MASK, s_mb, s_mh, s_mm, s_mn, row_ok, CAUSAL, HAS_MASK)
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        s = sequence_logits(tl.dot(q, kt, input_precision=PRECISION) * qk_scale, n, n_ok, i, h, b, SQ, SKV, MASK,
+                            BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
+        p = tl.math.exp2(s - lse[:, None])
         ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
 
@@ -227,7 +228,7 @@ def _backward_dq_kernel(
 
 
 def _forward(p: AttentionProblem):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     o = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, Sq, D], as HF wants
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -237,7 +238,7 @@ def _forward(p: AttentionProblem):
         return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
 
     _forward_kernel[grid](
-        q, k, v, pk, pv, index, lengths, mask, o, lse,
+        q, k, v, pk, pv, index, lengths, mask, bias, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
         hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, **consts,
     )
@@ -255,7 +256,7 @@ def _reduce_prefix_grad(rows: torch.Tensor, p: AttentionProblem) -> torch.Tensor
 
 
 def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_prefix: bool):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask), strides, consts = launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
     lse = lse.contiguous()
@@ -276,7 +277,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
             return (seq_blocks + prefix_blocks, b * hkv)
 
         _backward_dkdv_kernel[grid](
-            q, k, v, pk, pv, index, lengths, mask, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
+            q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
             NEED_DKV=need_dkv, **consts,
         )
         if need_prefix:
@@ -289,7 +290,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
         def grid(meta):
             return (triton.cdiv((hq // hkv) * sq, meta["BLOCK_M"]), b * hkv)
 
-        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
+        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
                                   **consts)
     return dq, dk, dv, dpk, dpv
 

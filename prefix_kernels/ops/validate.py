@@ -25,6 +25,7 @@ class AttentionProblem:
     causal: bool
     scale: float
     prefix_lengths: torch.Tensor | None = None  # [B] int64: row b sees prefix keys [0, prefix_lengths[b])
+    bias: torch.Tensor | None = None  # float [B|1, Hq|1, Sq|1, Skv] added to sequence-key logits, no gradient
 
     @property
     def shared_prefix(self) -> bool:
@@ -140,8 +141,26 @@ def _check_prefix_lengths(prefix_lengths, prefix_k, q):
     return prefix_lengths
 
 
+def _check_bias(attention_bias, q, skv: int):
+    if attention_bias is None:
+        return None
+    if not isinstance(attention_bias, torch.Tensor):
+        raise TypeError(f"attention_bias: expected a float tensor or None, got {type(attention_bias).__name__}")
+    batch, hq, sq = q.shape[:3]
+    if not attention_bias.is_floating_point():
+        raise TypeError(f"attention_bias: expected a floating-point tensor, got {attention_bias.dtype}")
+    if attention_bias.device != q.device:
+        raise ValueError(f"attention_bias: expected device {q.device}, got {attention_bias.device}")
+    shape = tuple(attention_bias.shape)
+    if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, hq) or shape[2] not in (1, sq) \
+            or shape[3] != skv:
+        raise ValueError(f"attention_bias: expected [B={batch} or 1, Hq={hq} or 1, Sq={sq} or 1, Skv={skv}], "
+                         f"got {_shape(attention_bias)}")
+    return attention_bias.detach()
+
+
 def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
-                 prefix_lengths=None) -> AttentionProblem:
+                 prefix_lengths=None, attention_bias=None) -> AttentionProblem:
     """Validate `prefix_attention`'s arguments; return them as an `AttentionProblem`."""
     _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
     _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
@@ -164,10 +183,12 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
             raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
     mask = _check_mask(attention_mask, q, k.shape[2])
     prefix_lengths = _check_prefix_lengths(prefix_lengths, prefix_k, q)
+    bias = _check_bias(attention_bias, q, k.shape[2])
     if scale is None:
         scale = d**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale), prefix_lengths)
+    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale), prefix_lengths,
+                            bias)
