@@ -52,7 +52,8 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int):
         if why:
             raise RuntimeError(f"{source}='triton' cannot run here: {why}")
         if not _triton_takes(head_dim):
-            raise ValueError(f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}")
+            raise ValueError(
+                f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}")
     if name == "cuda":
         from . import cuda_prefix_attention
 

@@ -172,8 +172,6 @@ class _CpuFlashPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
-        b, hq, sq, d = q.shape
-        hkv = k.shape[1]
         acc = _acc_dtype(q.dtype)
         is_causal, additive, empty_rows = _flash_mask(p)
         o_seq, lse_seq = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=additive, scale=p.scale)

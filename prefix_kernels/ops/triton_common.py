@@ -107,7 +107,8 @@ def broadcast_view(t: torch.Tensor | None, dtype: torch.dtype, dummy: torch.Tens
 
 
 def launch_args(p: AttentionProblem):
-    q, k, v = p.q, p.k, p.v
+    """(sizes, the tensors after q/k/v in every kernel's argument list, their strides, constexprs)."""
+    q, k = p.q, p.k
     b, hq, sq, d = q.shape
     hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
     pk, pv, s_pk, s_pv = prefix_views(p)

@@ -58,7 +58,8 @@ def _split_kernel(
         m_i, l_i, acc = attend_range(
             q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
             lo, tl.minimum(end, causal_end(i, row_ok, SQ, SKV, CAUSAL)), end, qk_scale, d, d_ok, i, h, b,
-            row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
+            row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+            True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
     o, lse = finish_rows(m_i, l_i, acc)
     part = (pid_bh * SPLITS + split) * BLOCK_M + rows  # O_PART [B * Hkv, SPLITS, BM, BD], LSE_PART [.., BM]
     tl.store(O_PART + part[:, None] * BLOCK_D + d[None, :], o)

@@ -24,6 +24,7 @@ from .triton_common import LOG2E, attend_range, autotune_configs, causal_end, fi
 from .triton_decode import MAX_DECODE_QUERIES, decode_forward
 from .validate import AttentionProblem
 
+
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _forward_kernel(
@@ -57,7 +58,8 @@ def _forward_kernel(
     p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
-        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
+        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
+        s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
         False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
     # Then the sequence; key blocks past the causal edge of every row here are never visited.
     m_i, l_i, acc = attend_range(
@@ -76,7 +78,8 @@ def _key_block_grads(
     kt_ptrs, v_ptrs, n_start, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
     s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
     HKV, G, SQ, SKV, qk_scale, d, d_ok,
-    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV [BN, BD] (fp32, unscaled dK) of one block of keys, summed over every query row that sees it."""
@@ -290,8 +293,8 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
         def grid(meta):
             return (triton.cdiv((hq // hkv) * sq, meta["BLOCK_M"]), b * hkv)
 
-        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dq, *common, *sizes, *dq.stride(),
-                                  **consts)
+        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dq, *common, *sizes,
+                                  *dq.stride(), **consts)
     return dq, dk, dv, dpk, dpv
 
 
