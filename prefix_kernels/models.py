@@ -1,6 +1,7 @@
 """`PrefixModel`: a transformers model whose attention reads a trained prefix, PEFT's adapter format on disk."""
 
 import contextlib
+import functools
 import inspect
 import os
 
@@ -59,6 +60,15 @@ def _check_loadable(model: PreTrainedModel, config: PrefixTuningConfig, tensors:
                              f"{list(params[name].shape)}")
 
 
+def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
+    """The base model's forward signature with the keyword-only `adapter_names` added (before any **kwargs)."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    var_keyword = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    adapter_names = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[p for p in params if p not in var_keyword] + [adapter_names] + var_keyword)
+
+
 class PrefixModel(nn.Module):
     """A transformers model with prefix tuning: base weights frozen, one `PrefixEncoder` per adapter.
 
@@ -102,6 +112,10 @@ class PrefixModel(nn.Module):
         self._add_adapter(adapter_name, config)
         self._slots = _decoder_self_attention_slots(model, config)
         self._forward_params = set(inspect.signature(model.forward).parameters)
+        # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
+        # see the base model's arguments and adapter_names.
+        self.forward = functools.partial(type(self).forward, self)
+        self.forward.__signature__ = _forward_signature(model)
         self._padding_positions = next(
             ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
              if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
