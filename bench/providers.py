@@ -1,6 +1,6 @@
-"""The attention paths compared by the benchmarks, all taking the same inputs.
+"""The attention paths compared by the op benchmarks, all taking the same inputs.
 
-- `prefix_kernels`: `prefix_attention` (the backend it picks, or the one named).
+- `prefix_kernels:<backend>`: `prefix_attention` with each backend that runs here (`backends`).
 - `materialised`: what PEFT does: the prefix expanded per row, `torch.cat` with the sequence, GQA repeated,
   SDPA with an explicit mask.
 - `sdpa_preconcat`: SDPA on keys/values concatenated beforehand (not timed): the cost of attention alone.
@@ -8,8 +8,10 @@
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from prefix_kernels import prefix_attention
+from prefix_kernels.ops.dispatch import select_backend
 
 
 def make_inputs(b, hq, hkv, sq, skv, p, d, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -45,10 +47,27 @@ def preconcatenated(q, k, v, prefix_k, prefix_v):
 
 
 def sdpa_preconcat(q, keys, values, p, causal=True):
-    sq, total = q.shape[2], keys.shape[2]
-    mask = causal_visibility(sq, total - p, p, q.device) if causal else None
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    """Bottom-right causal over `[prefix ; sequence]` equals "every prefix key + causal sequence"; as a
+    `causal_lower_right` bias SDPA can take its fused kernels."""
+    bias = causal_lower_right(q.shape[2], keys.shape[2]) if causal else None
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
 
 
 def ours(q, k, v, prefix_k, prefix_v, causal=True, backend=None):
     return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
+
+
+def backends(device: str, head_dim: int, decode: bool) -> list[str]:
+    """The backends of `prefix_attention` worth timing on `device`: "torch" always; on CUDA also every compiled
+    backend that can run: "triton", and for decode "cuda" (a forward-only decode kernel). On CPU Triton runs only
+    through its interpreter, a testing aid, not a contender."""
+    if device != "cuda":
+        return ["torch"]
+    runnable = ["torch"]
+    for name in ("triton", "cuda") if decode else ("triton",):
+        try:
+            select_backend(name, torch.device(device), head_dim)
+        except (RuntimeError, ValueError):
+            continue
+        runnable.append(name)
+    return runnable

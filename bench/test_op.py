@@ -1,20 +1,36 @@
 """Op-level benchmarks: prefix_attention against the materialised path and SDPA on pre-concatenated K/V.
 
-    pytest bench --benchmark-json bench/results/op.json
+    pytest bench/test_op.py --benchmark-json bench/results/op.json
+
+Derived figures in `extra_info`: `tflops` (FlashAttention's FLOP count), `kv_gb_per_s` for decode (the sequence
+K/V and the prefix read once each: effective bandwidth, whatever extra copies a provider makes), `peak_mb`
+(`measure.peak_memory_mb`).
 """
 
 import pytest
 import torch
-from conftest import DEVICE, sync
-from providers import make_inputs, materialised, ours, preconcatenated, sdpa_preconcat
+from measure import DEVICE, DTYPE, SIZE, measure
+from providers import backends, make_inputs, materialised, ours, preconcatenated, sdpa_preconcat
 
-# (B, Hq, Hkv, Sq, Skv, P, D)
-CASES = {
-    "cpu": {"decode": (16, 16, 4, 1, 2048, 64, 64), "prefill": (4, 16, 4, 512, 512, 64, 64)},
-    "cuda": {"decode": (16, 32, 8, 1, 8192, 64, 128), "prefill": (8, 32, 8, 2048, 2048, 64, 128)},
-}[DEVICE]
-DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-PROVIDERS = ["prefix_kernels", "materialised", "sdpa_preconcat"]
+from prefix_kernels import prefix_attention
+
+# (B, Hq, Hkv, Sq, Skv, P, D), causal
+PREFILL = {
+    "smoke": (2, 4, 2, 16, 16, 4, 16),
+    "cpu": (4, 16, 4, 512, 512, 64, 64),
+    "cuda": (8, 32, 8, 2048, 2048, 64, 128),
+}[SIZE]
+# One new token per row against a K/V cache of length T: (B, Hq, Hkv, P, D), and the cache lengths swept.
+DECODE, CACHE_LENGTHS = {
+    "smoke": ((2, 4, 2, 4, 16), (32, 64)),
+    "cpu": ((16, 16, 4, 64, 64), (512, 1024, 2048, 4096)),
+    "cuda": ((16, 32, 8, 64, 128), (2048, 4096, 8192, 16384)),
+}[SIZE]
+BASELINE = "materialised"
+
+
+def providers(head_dim, decode):
+    return [f"prefix_kernels:{name}" for name in backends(DEVICE, head_dim, decode)] + [BASELINE, "sdpa_preconcat"]
 
 
 def attention_flops(b, hq, sq, skv, p, d, causal=True):
@@ -23,42 +39,73 @@ def attention_flops(b, hq, sq, skv, p, d, causal=True):
     return 4 * b * hq * sq * (seq_keys + p) * d
 
 
-def run(benchmark, case, provider, backward):
-    b, hq, hkv, sq, skv, p, d = CASES[case]
+def describe(b, hq, hkv, sq, skv, p, d):
+    return f"B={b} Hq={hq} Hkv={hkv} Sq={sq} Skv={skv} P={p} D={d}"
+
+
+def attention_call(provider, shape, backward):
+    """A no-argument call of `provider` on fresh random inputs of `shape`: a forward, or a forward and backward."""
+    b, hq, hkv, sq, skv, p, d = shape
     q, k, v, pk, pv = make_inputs(b, hq, hkv, sq, skv, p, d, DTYPE, DEVICE, requires_grad=backward)
     if provider == "sdpa_preconcat":
         keys, values = preconcatenated(q, k, v, pk, pv)
         fn = lambda: sdpa_preconcat(q, keys, values, p)  # noqa: E731
-    elif provider == "materialised":
+    elif provider == BASELINE:
         fn = lambda: materialised(q, k, v, pk, pv)  # noqa: E731
     else:
-        fn = lambda: ours(q, k, v, pk, pv)  # noqa: E731
+        backend = provider.split(":")[1]
+        fn = lambda: ours(q, k, v, pk, pv, backend=backend)  # noqa: E731
+    if not backward:
+        return torch.no_grad()(fn)
     grad = torch.randn_like(q)
-
-    def step():
-        if backward:
-            fn().backward(grad)
-        else:
-            with torch.no_grad():
-                fn()
-        sync()
-
-    benchmark.group = f"{'fwd+bwd' if backward else 'fwd'} {case} {DEVICE} {CASES[case]}"
-    benchmark.extra_info["provider"] = provider
-    benchmark.pedantic(step, rounds=10 if DEVICE == "cpu" else 50, warmup_rounds=2)
-    flops = attention_flops(b, hq, sq, skv, p, d) * (3.5 if backward else 1.0)
-    benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
-    if sq == 1:
-        kv_bytes = (2 * b * hkv * skv * d + 2 * hkv * p * d) * q.element_size()
-        benchmark.extra_info["kv_gb_per_s"] = kv_bytes / benchmark.stats.stats.median / 1e9
+    return lambda: fn().backward(grad)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", ["decode", "prefill"])
-def test_forward(benchmark, case, provider):
-    run(benchmark, case, provider, backward=False)
+def run(benchmark, provider, shape, mode):
+    backward = mode == "fwd+bwd"
+    median = measure(benchmark, attention_call(provider, shape, backward),
+                     group=f"op {mode} {describe(*shape)}", provider=provider, baseline=BASELINE)
+    if median is None:
+        return
+    b, hq, hkv, sq, skv, p, d = shape
+    benchmark.extra_info["tflops"] = attention_flops(b, hq, sq, skv, p, d) * (3.5 if backward else 1.0) / median / 1e12
+    if mode == "decode":
+        kv_bytes = (2 * b * hkv * skv * d + 2 * hkv * p * d) * DTYPE.itemsize
+        benchmark.extra_info["kv_gb_per_s"] = kv_bytes / median / 1e9
+        benchmark.extra_info.update(sweep=f"decode step, K/V cache length T (B={b} Hq={hq} Hkv={hkv} P={p} D={d})",
+                                    x=skv)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_forward_backward(benchmark, provider):
-    run(benchmark, "prefill", provider, backward=True)
+@pytest.mark.parametrize("provider", providers(PREFILL[-1], decode=False))
+def test_prefill_forward(benchmark, provider):
+    run(benchmark, provider, PREFILL, "fwd")
+
+
+@pytest.mark.parametrize("provider", providers(PREFILL[-1], decode=False))
+def test_prefill_forward_backward(benchmark, provider):
+    run(benchmark, provider, PREFILL, "fwd+bwd")
+
+
+@pytest.mark.parametrize("provider", providers(DECODE[-1], decode=True))
+@pytest.mark.parametrize("cache_length", CACHE_LENGTHS)
+def test_decode(benchmark, cache_length, provider):
+    b, hq, hkv, p, d = DECODE
+    run(benchmark, provider, (b, hq, hkv, 1, cache_length, p, d), "decode")
+
+
+@pytest.mark.parametrize("adapters", [1, 16])
+def test_decode_adapter_bank(benchmark, adapters):
+    """A decode step where the batch mixes `adapters` prefixes from one bank (read by index in the kernel),
+    against the same step with one shared prefix: serving many adapters should cost about the same."""
+    b, hq, hkv, p, d = DECODE
+    skv = CACHE_LENGTHS[-2]
+    q, k, v, _, _ = make_inputs(b, hq, hkv, 1, skv, p, d, DTYPE, DEVICE)
+    bank_k = torch.randn(adapters, hkv, p, d, dtype=DTYPE, device=DEVICE)
+    bank_v = torch.randn_like(bank_k)
+    index = torch.arange(b, device=DEVICE) % adapters
+    median = measure(benchmark, torch.no_grad()(lambda: prefix_attention(q, k, v, bank_k, bank_v, prefix_index=index)),
+                     group=f"op decode adapter bank {describe(b, hq, hkv, 1, skv, p, d)}",
+                     provider=f"{adapters} adapter{'s' if adapters > 1 else ''}", baseline="1 adapter")
+    if median is not None:
+        benchmark.extra_info["kv_gb_per_s"] = (2 * b * hkv * skv * d + 2 * adapters * hkv * p * d) * DTYPE.itemsize \
+            / median / 1e9

@@ -1,0 +1,112 @@
+"""Render the JSON of `pytest bench --benchmark-json FILE` as a markdown table and a PNG plot.
+
+    python bench/render.py bench/results/cpu.json --markdown bench/cpu_results.md --plot bench/cpu_results.png
+
+The table has one block of rows per benchmark group: each provider's median, its derived figures, and its time
+and peak memory relative to the group's baseline (PEFT's path: `materialised` for the op, `peft` or `peft_cache`
+for the model). The plot draws each sweep (the decode step against the K/V cache length): time and peak memory
+per provider.
+"""
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+FIGURES = (  # extra_info key, column header, format
+    ("tflops", "TFLOP/s", "{:.3g}"),
+    ("kv_gb_per_s", "K/V GB/s", "{:.3g}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("peak_mb", "peak MB", "{:,.1f}"),
+)
+
+
+def by_group(benchmarks: list[dict]) -> dict[str, list[dict]]:
+    """Benchmarks per group, in the order they ran, the op's groups before the model's."""
+    groups = {}
+    for bench in benchmarks:
+        groups.setdefault(bench["group"], []).append(bench)
+    return dict(sorted(groups.items(), key=lambda item: item[0].startswith("model")))
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def relative(info: dict, key: str, suffix: str) -> str:
+    if info["provider"] == info["baseline"]:
+        return "baseline"
+    ratio = info[key].get(info["baseline"])
+    return "" if ratio is None else f"{ratio:.3g}{suffix}"
+
+
+def summary(data: dict) -> str:
+    context = data.get("context", {})
+    return (f"{context.get('size', '?')} sizes, {context.get('dtype', '?')}, {context.get('device', '?')}, "
+            f"torch {context.get('torch', '?')}, {data['datetime'][:10]}; medians")
+
+
+def table(data: dict) -> str:
+    header = ["case", "provider", "median", *(title for _, title, _ in FIGURES), "speed-up vs PEFT path",
+              "peak memory vs PEFT path"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for group, members in by_group(data["benchmarks"]).items():
+        for i, bench in enumerate(members):
+            info = bench["extra_info"]
+            figures = [fmt.format(info[key]) if key in info else "" for key, _, fmt in FIGURES]
+            row = [group if i == 0 else "", info["provider"], duration(bench["stats"]["median"]), *figures,
+                   relative(info, "speedup_vs", "x"), relative(info, "memory_vs", "x")]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str) -> None:
+    sweeps = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "sweep" in info:
+            points = sweeps.setdefault(info["sweep"], {}).setdefault(info["provider"], [])
+            points.append((info["x"], bench["stats"]["median"] * 1e3, info["peak_mb"]))
+    if not sweeps:
+        raise SystemExit("no sweep in these results (the op suite, bench/test_op.py, has one)")
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.2 * len(sweeps)), squeeze=False)
+    for (label, providers), (time_ax, memory_ax) in zip(sweeps.items(), axes, strict=True):
+        for provider, points in providers.items():
+            xs, times, peaks = zip(*sorted(points), strict=True)
+            time_ax.plot(xs, times, marker="o", label=provider)
+            memory_ax.plot(xs, peaks, marker="o", label=provider)
+        for ax, unit in ((time_ax, "median time (ms)"), (memory_ax, "peak MB allocated during the call")):
+            ax.set(xscale="log", yscale="log", xlabel=label, ylabel=unit)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.grid(True, which="both", alpha=0.3)
+        time_ax.legend()
+    fig.suptitle(summary(data))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="the JSON written by pytest --benchmark-json")
+    parser.add_argument("--markdown", help="write the table here (default: print it)")
+    parser.add_argument("--plot", help="write the PNG plot here")
+    args = parser.parse_args(argv)
+    with open(args.results) as f:
+        data = json.load(f)
+    text = f"{summary(data)}.\n\n{table(data)}"
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+    if args.plot:
+        plot(data, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Model-level benchmarks on a Llama-shaped model with random weights (`models.py`): a training step, a prefill,
+batched greedy generation; ours against PEFT on the same weights and the same prefix.
+
+    pytest bench/test_model.py --benchmark-json bench/results/model.json
+
+`extra_info`: `tokens_per_s` (training step and prefill: the B * S tokens processed; generation: the B * new
+tokens produced, prefill included), `peak_mb` (`measure.peak_memory_mb`).
+"""
+
+import pytest
+import torch
+from measure import DEVICE, DTYPE, SIZE, measure
+from models import SHAPES, contenders, generate_peft_cache
+
+P = {"smoke": 4, "cpu": 128, "cuda": 128}[SIZE]
+TRAIN = {"smoke": (2, 16), "cpu": (8, 256), "cuda": (8, 2048)}[SIZE]  # (B, S)
+GENERATE = {"smoke": (2, 16, 4), "cpu": (32, 512, 32), "cuda": (32, 2048, 128)}[SIZE]  # (B, prompt, new tokens)
+ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (3, 1), "cuda": (5, 1)}[SIZE]
+MODEL = "Llama L={num_hidden_layers} hidden={hidden_size} Hq={num_attention_heads} Hkv={num_key_value_heads}".format(
+    **SHAPES[SIZE])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return contenders(SIZE, P, DEVICE, DTYPE)
+
+
+def tokens(b, s, vocab=SHAPES[SIZE]["vocab_size"]):
+    ids = torch.randint(3, vocab, (b, s), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    return ids, torch.ones_like(ids)
+
+
+def greedy(new_tokens):
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("provider", ["prefix_kernels", "peft"])
+def test_train_step(benchmark, models, provider):
+    """Forward and backward with labels; only the prefix receives gradients."""
+    model = models.ours if provider == "prefix_kernels" else models.peft
+    b, s = TRAIN
+    ids, mask = tokens(b, s)
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+
+    median = measure(benchmark, step, group=f"model train step {MODEL} B={b} S={s} P={P}", provider=provider,
+                     baseline="peft", rounds=ROUNDS, warmup=WARMUP)
+    model.eval()
+    if median is not None:
+        benchmark.extra_info["tokens_per_s"] = b * s / median
+
+
+@pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])
+def test_prefill(benchmark, models, provider):
+    """One forward over the prompts, logits for every position."""
+    model = {"prefix_kernels": models.ours, "peft": models.peft, "no_prefix": models.base}[provider]
+    b, s, _ = GENERATE
+    ids, mask = tokens(b, s)
+    median = measure(benchmark, torch.no_grad()(lambda: model(input_ids=ids, attention_mask=mask)),
+                     group=f"model prefill {MODEL} B={b} S={s} P={P}", provider=provider, baseline="peft",
+                     rounds=ROUNDS, warmup=WARMUP)
+    if median is not None:
+        benchmark.extra_info["tokens_per_s"] = b * s / median
+
+
+@pytest.mark.parametrize("provider", ["prefix_kernels", "peft_cache", "no_prefix"])
+def test_generate(benchmark, models, provider):
+    """Batched greedy generation of exactly `new` tokens per row."""
+    b, s, new = GENERATE
+    ids, mask = tokens(b, s)
+    calls = {
+        "prefix_kernels": lambda: models.ours.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
+        "peft_cache": lambda: generate_peft_cache(models.base, models.prefix, ids, mask, **greedy(new)),
+        "no_prefix": lambda: models.base.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
+    }
+    median = measure(benchmark, calls[provider], group=f"model generate {MODEL} B={b} prompt={s} new={new} P={P}",
+                     provider=provider, baseline="peft_cache", rounds=ROUNDS, warmup=WARMUP)
+    if median is not None:
+        benchmark.extra_info["tokens_per_s"] = b * new / median
+
+
+def test_peft_cache_generates_what_ours_does():
+    """The rebuilt PEFT path is a fair baseline: on a small float32 model it yields our tokens, not the base's."""
+    small = contenders("smoke", 4, "cpu", torch.float32)
+    ids = torch.randint(3, SHAPES["smoke"]["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ours = small.ours.generate(input_ids=ids, attention_mask=mask, **greedy(6))
+    assert torch.equal(generate_peft_cache(small.base, small.prefix, ids, mask, **greedy(6)), ours)
+    assert not torch.equal(small.base.generate(input_ids=ids, attention_mask=mask, **greedy(6)), ours)
