@@ -1,4 +1,4 @@
-"""`PrefixTuningConfig`: PEFT's prefix-tuning configuration, field for field, so configs and saved adapters carry over."""
+"""`PrefixTuningConfig`: PEFT's prefix-tuning configuration, field for field, so configs and adapters carry over."""
 
 import dataclasses
 import json
@@ -72,7 +72,8 @@ class PrefixTuningConfig:
         if modules is not None and not names:
             raise ValueError(f"modules_to_save: expected a list of module names or None, got {modules!r}")
         if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"num_transformer_submodules: expected 1, 2 or None, got {self.num_transformer_submodules}")
+            raise ValueError(
+                f"num_transformer_submodules: expected 1, 2 or None, got {self.num_transformer_submodules}")
         if self.token_dim is not None and self.num_attention_heads is not None:
             if self.token_dim % self.num_attention_heads:
                 raise ValueError(

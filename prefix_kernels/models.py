@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import CONFIG_NAME, PrefixTuningConfig
+from .config import PrefixTuningConfig
 from .encoder import PrefixEncoder
 from .integrations.transformers import PrefixStates, register
 
@@ -292,7 +292,8 @@ class PrefixModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} "
+              f"|| trainable%: {100 * trainable / total:.4f}")
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """The base model's gradient checkpointing, non-reentrant (a reentrant checkpoint would drop the

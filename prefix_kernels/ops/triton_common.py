@@ -23,6 +23,14 @@ def autotune_configs(names):
 
 
 @triton.jit
+def grouped_rows(first, hk, G, SQ, BLOCK_M: tl.constexpr):
+    """Query rows [first, first + BLOCK_M) of KV head hk, in grouped order (the G query heads sharing it, each
+    with its Sq positions): (row in range, position i, query head h)."""
+    rows = first + tl.arange(0, BLOCK_M)
+    return rows < G * SQ, rows % SQ, (hk * G + rows // SQ).to(tl.int64)
+
+
+@triton.jit
 def online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
     """Fold one tile of base-2 logits `s` [BM, BN] and values `v` [BN, BD] into the running (max, sum, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))

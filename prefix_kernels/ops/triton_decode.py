@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, LOG2E, attend_range, causal_end, finish_rows, launch_args
+from .triton_common import INTERPRETED, LOG2E, attend_range, causal_end, finish_rows, grouped_rows, launch_args
 from .validate import AttentionProblem
 
 MAX_DECODE_QUERIES = 16
@@ -34,10 +34,8 @@ def _split_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
-    rows = tl.arange(0, BLOCK_M)  # every grouped row of this KV head: head g = row // Sq, position i
-    row_ok = rows < G * SQ
-    i = rows % SQ
-    h = (hk * G + rows // SQ).to(tl.int64)
+    row_ok, i, h = grouped_rows(0, hk, G, SQ, BLOCK_M)  # every query row of this KV head
+    rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
@@ -74,10 +72,8 @@ def _combine_kernel(
     """Merge the splits of one (batch row, KV head) by their LSE; rows that saw nothing stay 0 / -inf."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // HKV).to(tl.int64)
+    row_ok, i, h = grouped_rows(0, pid_bh % HKV, G, SQ, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < G * SQ
-    i = rows % SQ
-    h = ((pid_bh % HKV) * G + rows // SQ).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     top = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for split in range(0, SPLITS):

@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, attend_range, autotune_configs, causal_end, finish_rows, launch_args, sequence_logits
+from .triton_common import (
+    LOG2E,
+    attend_range,
+    autotune_configs,
+    causal_end,
+    finish_rows,
+    grouped_rows,
+    launch_args,
+    sequence_logits,
+)
 from .triton_decode import MAX_DECODE_QUERIES, decode_forward
 from .validate import AttentionProblem
 
@@ -40,11 +49,7 @@ def _forward_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # grouped rows: head g = row // Sq, pos i
-    row_ok = rows < G * SQ
-    g = rows // SQ
-    i = rows % SQ
-    h = (hk * G + g).to(tl.int64)
+    row_ok, i, h = grouped_rows(tl.program_id(0) * BLOCK_M, hk, G, SQ, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
@@ -183,11 +188,7 @@ def _backward_dq_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hk = pid_bh % HKV
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < G * SQ
-    g = rows // SQ
-    i = rows % SQ
-    h = (hk * G + g).to(tl.int64)
+    row_ok, i, h = grouped_rows(tl.program_id(0) * BLOCK_M, hk, G, SQ, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     rd_ok = row_ok[:, None] & d_ok[None, :]
