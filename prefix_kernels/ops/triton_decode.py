@@ -17,6 +17,13 @@ from .triton_common import INTERPRETED, LOG2E, attend_range, causal_end, finish_
 from .validate import AttentionProblem
 
 MAX_DECODE_QUERIES = 16
+MAX_DECODE_ROWS = 128  # one program holds every query row of a KV group; more would not fit in registers
+
+
+def takes(p: AttentionProblem) -> bool:
+    """Whether the split-KV kernel serves this problem: few queries, and a GQA group that fits one program."""
+    sq, group = p.q.shape[2], p.q.shape[1] // p.k.shape[1]
+    return sq <= MAX_DECODE_QUERIES and group * sq <= MAX_DECODE_ROWS
 BLOCK_N = 16 if INTERPRETED else 64
 
 
@@ -101,7 +108,7 @@ def _split_count(batch_heads: int, skv: int, device: torch.device) -> int:
 
 
 def decode_forward(p: AttentionProblem):
-    """(o `[B, Hq, Sq, D]`, lse `[B, Hq, Sq]` float32) for Sq <= MAX_DECODE_QUERIES."""
+    """(o `[B, Hq, Sq, D]`, lse `[B, Hq, Sq]` float32) for the problems `takes` accepts."""
     (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
     rows = (hq // hkv) * sq
     block_m = max(16, triton.next_power_of_2(rows))

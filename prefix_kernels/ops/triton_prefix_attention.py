@@ -8,8 +8,8 @@ masking (key blocks past the causal edge are never visited) and the key-padding 
 online softmax in base 2 (logits pre-scaled by scale * log2(e), fp32 accumulators). It writes O and the
 natural-log LSE.
 
-Decode shapes (Sq <= 16) take the split-KV forward of `triton_decode.py` instead; both write O and LSE, which
-is all the backward below needs.
+Decode shapes (Sq <= 16, at most 128 query rows per KV group) take the split-KV forward of `triton_decode.py`
+instead; both write O and LSE, which is all the backward below needs.
 
 Backward, FlashAttention-2 style: delta = rowsum(dO * O); one kernel per key block computes dK/dV for
 sequence keys and each row's share of the prefix gradients (summed afterwards in fp32, deterministically);
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_decode
 from .triton_common import (
     LOG2E,
     attend_range,
@@ -30,7 +31,6 @@ from .triton_common import (
     launch_args,
     sequence_logits,
 )
-from .triton_decode import MAX_DECODE_QUERIES, decode_forward
 from .validate import AttentionProblem
 
 
@@ -302,7 +302,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
 class _TritonPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
-        o, lse = decode_forward(p) if q.shape[2] <= MAX_DECODE_QUERIES else _forward(p)
+        o, lse = triton_decode.decode_forward(p) if triton_decode.takes(p) else _forward(p)
         ctx.problem = p
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse)
         return o, lse
