@@ -111,6 +111,15 @@ class PrefixModel(nn.Module):
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
         self._slots = _decoder_self_attention_slots(model, config)
+        self._relative_bias = self._position_hook = None
+        self._call_offsets: int | torch.Tensor = 0
+        if self._slots is not None:
+            self._relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
+            positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
+                                    and "position_ids" in inspect.signature(m.forward).parameters)
+            if positions is not None:
+                self._position_hook = positions.register_forward_pre_hook(self._shift_decoder_positions,
+                                                                          with_kwargs=True)
         self._forward_params = set(inspect.signature(model.forward).parameters)
         # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
         # see the base model's arguments and adapter_names.
@@ -150,6 +159,9 @@ class PrefixModel(nn.Module):
         else:
             states = self._bank_states(self._call_adapter_names, self._batch_size(kwargs))
             offsets = states.lengths[:, None]
+        if self._relative_bias is not None:
+            states.prefix_position_bias = functools.partial(_prefix_relative_bias, self._relative_bias, offsets)
+        self._call_offsets = offsets
         kwargs["prefix_states"] = states
         if "position_ids" in self._forward_params:
             kwargs["position_ids"] = self._positions(kwargs, offsets)
@@ -304,9 +316,23 @@ class PrefixModel(nn.Module):
                              "expected use_reentrant=False (the default)")
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def _shift_decoder_positions(self, module, args, kwargs):
+        """Pre-hook on an encoder-decoder's learned decoder positions: real tokens start at P, as in PEFT."""
+        offsets = self._call_offsets
+        if isinstance(offsets, torch.Tensor):
+            if not bool((offsets == offsets[0]).all()):
+                raise ValueError(f"adapter_names: {self.base_model.config.model_type}'s learned decoder positions "
+                                 "need every row's adapter to have the same num_virtual_tokens")
+            offsets = int(offsets[0])
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + offsets
+        return args, kwargs
+
     def unload(self) -> PreTrainedModel:
         """Detach the prefix machinery and return the base model with its previous attention implementation."""
         self._hook.remove()
+        if self._position_hook is not None:
+            self._position_hook.remove()
         self.base_model.set_attn_implementation(self._previous_attention)
         return self.base_model
 
@@ -327,6 +353,27 @@ def _decoder_self_attention_slots(model: PreTrainedModel, config: PrefixTuningCo
     if not slots:
         raise ValueError(f"model: found no decoder self-attention in {model.config.model_type}")
     return slots
+
+
+def _in_decoder(model: PreTrainedModel, predicate) -> nn.Module | None:
+    """The first module of the decoder for which `predicate(name, module)` holds (T5's relative position bias,
+    BART's learned positions)."""
+    return next((m for name, m in model.named_modules() if "decoder" in name.split(".") and predicate(name, m)),
+                None)
+
+
+def _prefix_relative_bias(attention: nn.Module, lengths, query_length: int, past: int) -> torch.Tensor:
+    """`[1 or B, Hq, Sq, P]`: T5's relative position bias of the prefix keys as PEFT places them, the first P
+    positions before the sequence (so the queries sit at P + past + i). `lengths`: P, or each row's P `[B, 1]`."""
+    if not isinstance(lengths, torch.Tensor):
+        return attention.compute_bias(query_length, lengths + past + query_length, past_seen_tokens=lengths + past
+                                      )[..., :lengths]
+    longest = int(lengths.max())
+    rows = []
+    for n in lengths[:, 0].tolist():
+        bias = attention.compute_bias(query_length, n + past + query_length, past_seen_tokens=n + past)[..., :n]
+        rows.append(torch.nn.functional.pad(bias, (0, longest - n)))
+    return torch.cat(rows, dim=0)
 
 
 def get_prefix_model(model: PreTrainedModel, config: PrefixTuningConfig,

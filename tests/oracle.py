@@ -21,8 +21,8 @@ def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, at
     keys = torch.cat([pk, k], dim=2).repeat_interleave(hq // hkv, dim=1)
     values = torch.cat([pv, v], dim=2).repeat_interleave(hq // hkv, dim=1)
     scores = q @ keys.transpose(-1, -2) * (d**-0.5 if scale is None else scale)
-    if attention_bias is not None:  # sequence keys only
-        scores[..., n_pre:] += attention_bias.to(compute_dtype)
+    if attention_bias is not None:  # the sequence keys, or [prefix ; sequence] when it covers both
+        scores[..., scores.shape[-1] - attention_bias.shape[-1]:] += attention_bias.to(compute_dtype)
     visible = torch.ones(b, hq, sq, skv, dtype=torch.bool, device=q.device)
     if causal:
         i = torch.arange(sq, device=q.device)[:, None]

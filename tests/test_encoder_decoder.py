@@ -1,7 +1,8 @@
-"""Encoder-decoders (T5, BART): the prefix in decoder self-attention, T5's position bias on sequence keys only."""
+"""Encoder-decoders (T5, BART): the prefix in decoder self-attention, as in PEFT, with PEFT's numbers."""
 
 import copy
 
+import peft
 import pytest
 import torch
 import transformers as T
@@ -39,11 +40,14 @@ def concat_reference(module, query, key, value, attention_mask, scaling=None, dr
     n = prefix.shape[2]
     if position_bias is not None:
         scores[..., n:] += position_bias
+        if n:  # T5: the prefix keys sit at the first P positions, as in PEFT
+            scores[..., :n] += prefix_states.prefix_position_bias(s, t - s)
     if attention_mask is not None:
         visible = attention_mask[..., :t]
     else:
         causal = is_causal if is_causal is not None else module.is_causal
-        visible = torch.arange(t)[None, :] <= torch.arange(s)[:, None] + t - s if causal else torch.ones(s, t, dtype=bool)
+        rows, cols = torch.arange(s)[:, None], torch.arange(t)[None, :]
+        visible = cols <= rows + t - s if causal else torch.ones(s, t, dtype=torch.bool)
     visible = torch.cat([torch.ones(*visible.shape[:-1], n, dtype=torch.bool), visible.expand(*visible.shape[:-1], t)],
                         dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -68,6 +72,35 @@ def test_matches_a_plain_concatenation_reference(name):
         model.get_base_model().set_attn_implementation("concat_reference")
         reference = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
     torch.testing.assert_close(ours, reference, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_peft(name, layers):
+    """PEFT's decoder-only prefix: its layer slots, T5's position bias over the prefix, BART's shifted positions."""
+    base = build(name, layers)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                             num_virtual_tokens=4))
+    ours = get_prefix_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    ours.prefix_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    decoder_ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_learned_decoder_positions_need_one_prefix_length(tmp_path):
+    short = get_prefix_model(build("bart"), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    short.save_pretrained(tmp_path)
+    model = get_prefix_model(build("bart"), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    model.load_adapter(tmp_path, adapter_name="short")
+    ids = torch.randint(3, 100, (2, 6))
+    with pytest.raises(ValueError, match="^adapter_names: bart's learned decoder positions"):
+        model(input_ids=ids, decoder_input_ids=ids[:, :3], adapter_names=["default", "short"])
 
 
 @pytest.mark.parametrize("submodules, slots", [(2, [0, 2, 0, 2]), (1, [0, 1, 2, 3])])

@@ -121,3 +121,12 @@ def test_attention_bias(sq, skv, heads):
     tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 5, 16, "shared", "padding", dtype=torch.float32)
     bias = torch.randn(1, heads, sq, skv, dtype=torch.float32, device=tensors[0].device)
     assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias)
+
+
+@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 33, 33), ("row", 40, 40)])
+def test_attention_bias_over_prefix_and_sequence(kind, sq, skv):
+    """A bias of width P + Skv covers the prefix keys too (T5's relative positions with the prefix first)."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float32)
+    bias = torch.randn(1, 4, sq, 5 + skv, dtype=torch.float32, device=tensors[0].device)
+    lengths = torch.tensor([5, 2, 0], device=tensors[0].device) if kind != "shared" else None
+    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias, lengths=lengths)

@@ -6,6 +6,7 @@ passes from the model's forward down to each attention call; without it the func
 The name is neutral on purpose: transformers treats names containing "sdpa", "flash" or "flex" specially.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class PrefixStates:
     index: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     slots: dict[torch.nn.Module, int] | None = None  # attention module -> its layer of `kv`; absent: no prefix
+    # (Sq, past length) -> `[1 or B, Hq, Sq, P]`: T5's relative position bias of the prefix keys, placed as the
+    # first P positions, as PEFT's cache places them.
+    prefix_position_bias: Callable[[int, int], torch.Tensor] | None = None
 
     def slot(self, module: torch.nn.Module) -> int | None:
         """The layer of `kv` that `module` reads: its `layer_idx`, or per `slots` (encoder-decoders)."""
@@ -56,8 +60,8 @@ def prefix_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
 
-    Attention-probability dropout is not applied (the fused kernels have none). A position bias applies to the
-    sequence keys only: prefix keys are virtual tokens with no position.
+    Attention-probability dropout is not applied (the fused kernels have none). T5's position bias applies to
+    the sequence keys, and to the prefix keys when `prefix_states` says where they sit.
     """
     index = lengths = None
     slot = None if prefix_states is None else prefix_states.slot(module)
@@ -66,6 +70,11 @@ def prefix_attention_forward(
     else:
         kv = prefix_states.kv[slot].to(query.dtype)
         prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_states.index, prefix_states.lengths
+        if position_bias is not None and prefix_states.prefix_position_bias is not None:
+            prefix_bias = prefix_states.prefix_position_bias(query.shape[2], key.shape[2] - query.shape[2])
+            rows = max(prefix_bias.shape[0], position_bias.shape[0])
+            position_bias = torch.cat([prefix_bias.to(position_bias.dtype).expand(rows, -1, -1, -1),
+                                       position_bias.expand(rows, -1, -1, -1)], dim=-1)
     if attention_mask is not None:
         causal = False  # the mask already holds the causal pattern
         if attention_mask.dtype != torch.bool:

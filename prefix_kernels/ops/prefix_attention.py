@@ -41,8 +41,9 @@ def prefix_attention(
         prefix_index: int64 `[B]`, row b reads bank entry `prefix_index[b]`.
         prefix_lengths: int64 `[B]` (with a per-row or bank prefix): row b sees only its first
             `prefix_lengths[b]` prefix keys, the rest being padding — adapters of different lengths in one batch.
-        attention_bias: float `[B or 1, Hq or 1, Sq or 1, Skv]` added to the logits of the sequence keys (not
-            the prefix keys), e.g. T5's relative position bias. It receives no gradient.
+        attention_bias: float `[B or 1, Hq or 1, Sq or 1, Skv]` added to the logits of the sequence keys, or
+            `[.., P + Skv]` added over `[prefix ; sequence]` (T5's relative position bias with the prefix as the
+            first P positions). It receives no gradient.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch;
             the environment variable `PREFIX_KERNELS_BACKEND` overrides None).

@@ -76,6 +76,16 @@ def _prefix_visible(p: AttentionProblem) -> torch.Tensor | None:
     return (positions < p.prefix_lengths[:, None])[:, None, None, :]
 
 
+def _prefix_bias_rows(p: AttentionProblem, acc: torch.dtype) -> torch.Tensor | None:
+    """The prefix keys' bias laid out like the prefix scores: [B, Hkv, M, P], folded when the prefix is shared."""
+    if p.prefix_bias is None:
+        return None
+    b, hq, sq = p.q.shape[:3]
+    hkv, n = p.k.shape[1], p.prefix_k.shape[-2]
+    bias = _grouped_like_scores(p.prefix_bias.to(acc), hkv).expand(b, hkv, hq // hkv, sq, n)
+    return _fold(bias.reshape(b, hkv, (hq // hkv) * sq, n), p.shared_prefix)
+
+
 def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     """Attention of grouped queries `[B, Hkv, M, D]` over the prefix alone: (o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`)."""
     b, m = qg.shape[0], qg.shape[2]
@@ -85,6 +95,9 @@ def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     if s.shape[-1] == 0:  # P = 0: zeros, kept in the graph so an empty prefix gets its (empty) gradient
         empty_lse = s.new_full(s.shape[:-1], float("-inf"))
         return _unfold(torch.matmul(s, pv), shared, b, m), _unfold(empty_lse, shared, b, m)
+    bias = _prefix_bias_rows(p, s.dtype)
+    if bias is not None:
+        s = s + bias
     visible = _prefix_visible(p)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
@@ -111,8 +124,8 @@ def _attend_matmul(p: AttentionProblem):
     skv = p.k.shape[2]
     qg = _grouped(q, hkv).to(acc)  # [B, Hkv, M, D]
     s = torch.matmul(qg, p.k.to(acc).transpose(-1, -2)) * p.scale  # [B, Hkv, M, Skv]
-    if p.bias is not None:
-        s = (s.view(b, hkv, hq // hkv, sq, skv) + _grouped_like_scores(p.bias.to(acc), hkv)).view_as(s)
+    if p.sequence_bias is not None:
+        s = (s.view(b, hkv, hq // hkv, sq, skv) + _grouped_like_scores(p.sequence_bias.to(acc), hkv)).view_as(s)
     mask = sequence_mask(p)
     if mask is not None:
         mask = mask.expand(b, hq, sq, -1) if mask.shape[1] == hq else mask.expand(b, 1, sq, -1)
@@ -135,7 +148,7 @@ def _grouped_like_scores(t: torch.Tensor, hkv: int) -> torch.Tensor:
 def _flash_mask(p: AttentionProblem):
     """(is_causal, additive mask or None, bool `[B|1, 1|Hq, Sq]` of rows with no visible sequence key or None)."""
     sq, skv = p.q.shape[2], p.k.shape[2]
-    bias = None if p.bias is None else p.bias.to(p.q.dtype)
+    bias = None if p.sequence_bias is None else p.sequence_bias.to(p.q.dtype)
     if p.mask is None and (not p.causal or sq == 1):
         return False, bias, None
     if p.mask is None and sq == skv and bias is None:
@@ -157,9 +170,10 @@ def _cpu_flash_prefix(p: AttentionProblem):
     elif pk.dim() == 3:
         pk, pv = pk.expand(q.shape[0], *pk.shape), pv.expand(q.shape[0], *pv.shape)
     visible = _prefix_visible(p)
-    additive = None
+    additive = None if p.prefix_bias is None else p.prefix_bias.to(q.dtype)
     if visible is not None:
-        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        hidden = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        additive = hidden if additive is None else additive + hidden
     o, lse = _cpu_flash(q, pk, pv, 0.0, False, attn_mask=additive, scale=p.scale)
     lse = lse.to(acc)
     if visible is not None:
@@ -215,7 +229,9 @@ def _prefix_backward(p: AttentionProblem, q, o, d_o, lse_rows, hkv, acc, need_pr
     delta = _fold(_grouped((d_o.to(acc) * o.to(acc)).sum(-1), hkv), shared)
     lse_g = _fold(_grouped(lse_rows, hkv), shared)
     pk, pv = _rowwise_prefix(p, acc)
-    probs = torch.exp(torch.matmul(qg, pk.transpose(-1, -2)) * p.scale - lse_g[..., None])  # [.., rows, P]
+    logits = torch.matmul(qg, pk.transpose(-1, -2)) * p.scale  # [.., rows, P]
+    bias = _prefix_bias_rows(p, acc)
+    probs = torch.exp((logits if bias is None else logits + bias) - lse_g[..., None])
     visible = _prefix_visible(p)
     if visible is not None:
         probs = probs.masked_fill(~visible, 0.0)

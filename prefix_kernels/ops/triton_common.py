@@ -54,9 +54,15 @@ def sequence_logits(s, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, 
         ptrs = MASK + b * s_mb + h[:, None] * s_mh + i[:, None] * s_mm + n[None, :] * s_mn
         visible = visible & (tl.load(ptrs, mask=visible, other=0) != 0)
     if HAS_BIAS:
-        ptrs = BIAS + b * s_bb + h[:, None] * s_bh + i[:, None] * s_bm + n[None, :] * s_bn
-        s = s + tl.load(ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = add_bias(s, BIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible)
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def add_bias(s, BIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible):
+    """Base-2 logits `s` [BM, BN] plus the additive bias of query rows (position i, head h) and keys n."""
+    ptrs = BIAS + b * s_bb + h[:, None] * s_bh + i[:, None] * s_bm + n[None, :] * s_bn
+    return s + tl.load(ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
 
 
 @triton.jit
@@ -65,7 +71,8 @@ def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, h
                  IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold keys [lo, hi) (those >= n_end are padding) into the running softmax of the query rows `q` [BM, BD].
-    Prefix keys are seen by every row, unbiased; sequence keys get the bias and pass the causal band and mask."""
+    Prefix keys are seen by every row; sequence keys pass the causal band and the mask. `BIAS` is the additive
+    bias of these keys (the prefix's or the sequence's columns), applied when HAS_BIAS."""
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < n_end
@@ -76,7 +83,10 @@ def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, h
             s = sequence_logits(s, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
                                 s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
         else:
-            s = tl.where(n_ok[None, :] & row_ok[:, None], s, float("-inf"))
+            visible = n_ok[None, :] & row_ok[:, None]
+            if HAS_BIAS:
+                s = add_bias(s, BIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible)
+            s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
     return m_i, l_i, acc
 
@@ -115,20 +125,23 @@ def broadcast_view(t: torch.Tensor | None, dtype: torch.dtype, dummy: torch.Tens
 
 
 def launch_args(p: AttentionProblem):
-    """(sizes, the tensors after q/k/v in every kernel's argument list, their strides, constexprs)."""
+    """(sizes, the tensors after Q, K, V in every kernel's argument list, their strides, constexprs)."""
     q, k = p.q, p.k
     b, hq, sq, d = q.shape
     hkv, skv, n_prefix = k.shape[1], k.shape[2], p.prefix_k.shape[-2]
     pk, pv, s_pk, s_pv = prefix_views(p)
     dummy = q.new_empty(1, dtype=torch.int64)
     mask, s_m = broadcast_view(p.mask, torch.uint8, dummy)
-    bias, s_b = broadcast_view(p.bias, p.bias.dtype if p.bias is not None else q.dtype, dummy)
+    bias, s_b = broadcast_view(p.sequence_bias, q.dtype if p.bias is None else p.bias.dtype, dummy)
+    prefix_bias = p.prefix_bias if p.prefix_bias is not None else dummy
     # The kernels read row b's entry at offset b: a sliced (strided) index or lengths tensor gets a copy.
     index = p.prefix_index.contiguous() if p.prefix_index is not None else dummy
     lengths = p.prefix_lengths.contiguous() if p.prefix_lengths is not None else dummy
     consts = dict(
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
-        HAS_BIAS=p.bias is not None, HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
+        HAS_BIAS=p.bias is not None, HAS_PREFIX_BIAS=p.prefix_bias is not None,
+        HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), (*s_pk, *s_pv, *s_m, *s_b), consts
+    extras = (pk, pv, index, lengths, mask, bias, prefix_bias)
+    return (b, hq, sq, d, hkv, skv, n_prefix), extras, (*s_pk, *s_pv, *s_m, *s_b), consts

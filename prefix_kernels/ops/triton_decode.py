@@ -29,12 +29,12 @@ BLOCK_N = 16 if INTERPRETED else 64
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, O_PART, LSE_PART,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, PBIAS, O_PART, LSE_PART,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
     HKV, G, SQ, SKV, P, qk_scale, KEYS_PER_SPLIT, SPLITS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)  # 0: the prefix; s > 0: sequence keys [(s-1) * KEYS_PER_SPLIT, s * KEYS_PER_SPLIT)
@@ -55,8 +55,9 @@ def _split_kernel(
         p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P
         m_i, l_i, acc = attend_range(
             q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh,
-            s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
-            s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
+            s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
+            s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, False, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION,
+            BLOCK_N)
     else:
         lo = (split - 1) * KEYS_PER_SPLIT
         end = tl.minimum(lo + KEYS_PER_SPLIT, SKV)
@@ -109,7 +110,7 @@ def _split_count(batch_heads: int, skv: int, device: torch.device) -> int:
 
 def decode_forward(p: AttentionProblem):
     """(o `[B, Hq, Sq, D]`, lse `[B, Hq, Sq]` float32) for the problems `takes` accepts."""
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), extras, strides, consts = launch_args(p)
     rows = (hq // hkv) * sq
     block_m = max(16, triton.next_power_of_2(rows))
     block_d = consts["BLOCK_D"]
@@ -119,7 +120,7 @@ def decode_forward(p: AttentionProblem):
     o_part = torch.empty(b * hkv, splits, block_m, block_d, dtype=torch.float32, device=p.q.device)
     lse_part = torch.empty(b * hkv, splits, block_m, dtype=torch.float32, device=p.q.device)
     _split_kernel[(splits, b * hkv)](
-        p.q, p.k, p.v, pk, pv, index, lengths, mask, bias, o_part, lse_part,
+        p.q, p.k, p.v, *extras, o_part, lse_part,
         *p.q.stride(), *p.k.stride(), *p.v.stride(), *strides,
         hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, keys_per_split, splits,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, **consts,

@@ -23,6 +23,7 @@ import triton.language as tl
 from . import triton_decode
 from .triton_common import (
     LOG2E,
+    add_bias,
     attend_range,
     autotune_configs,
     causal_end,
@@ -37,13 +38,13 @@ from .validate import AttentionProblem
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, O, LSE,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, PBIAS, O, LSE,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_ob, s_oh, s_om, s_od,
     HKV, G, SQ, SKV, P, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -63,9 +64,9 @@ def _forward_kernel(
     p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
-        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
+        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
         s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-        False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
+        False, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION, BLOCK_N)
     # Then the sequence; key blocks past the causal edge of every row here are never visited.
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
@@ -109,10 +110,13 @@ def _key_block_grads(
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing have p = 0 everywhere
             delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            hb = tl.zeros([BLOCK_M], tl.int64) + h
             if IS_PREFIX:
-                s = tl.where(n_ok[None, :] & row_ok[:, None], s, float("-inf"))
+                visible = n_ok[None, :] & row_ok[:, None]
+                if HAS_BIAS:
+                    s = add_bias(s, BIAS, b, hb, i, n, s_bb, s_bh, s_bm, s_bn, visible)
+                s = tl.where(visible, s, float("-inf"))
             else:
-                hb = tl.zeros([BLOCK_M], tl.int64) + h
                 s = sequence_logits(s, n, n_ok, i, hb, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
                                     s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
             p = tl.math.exp2(s - lse[:, None])  # [BM, BN], 0 where not visible
@@ -126,13 +130,14 @@ def _key_block_grads(
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dkdv_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, PBIAS, DO, LSE, DELTA, DK, DV, DPK, DPV,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr, NEED_DKV: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_DKV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The first programs own sequence key blocks (dK, dV; none when NEED_DKV is off); the rest own prefix key
@@ -164,9 +169,10 @@ def _backward_dkdv_kernel(
         dk, dv = _key_block_grads(
             PK + pb * s_pkb + hk * s_pkh + n[None, :] * s_pkn + d[:, None] * s_pkd,
             PV + pb * s_pvb + hk * s_pvh + n[:, None] * s_pvn + d[None, :] * s_pvd,
-            0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
+            0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, PBIAS,
             s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * P + n[:, None]) * HEAD_DIM + d[None, :]  # per-row partials, fp32
         write = (n < P)[:, None] & d_ok[None, :]  # padding past p_len gets its zeros written too
         tl.store(DPK + out, dk * scale, mask=write)
@@ -176,13 +182,13 @@ def _backward_dkdv_kernel(
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
 @triton.jit
 def _backward_dq_kernel(
-    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, DO, LSE, DELTA, DQ,
+    Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, PBIAS, DO, LSE, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
     HKV, G, SQ, SKV, P, qk_scale, scale, s_dqb, s_dqh, s_dqm, s_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -210,7 +216,10 @@ def _backward_dq_kernel(
         kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(pv_base + n[None, :] * s_pvn + d[:, None] * s_pvd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        p = tl.where(n_ok[None, :] & row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        visible = n_ok[None, :] & row_ok[:, None]
+        if HAS_PREFIX_BIAS:
+            s = add_bias(s, PBIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible)
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
 
@@ -232,7 +241,7 @@ def _backward_dq_kernel(
 
 
 def _forward(p: AttentionProblem):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), extras, strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     o = torch.empty(b, sq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, Sq, D], as HF wants
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -242,7 +251,7 @@ def _forward(p: AttentionProblem):
         return (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
 
     _forward_kernel[grid](
-        q, k, v, pk, pv, index, lengths, mask, bias, o, lse,
+        q, k, v, *extras, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
         hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, **consts,
     )
@@ -260,7 +269,7 @@ def _reduce_prefix_grad(rows: torch.Tensor, p: AttentionProblem) -> torch.Tensor
 
 
 def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_prefix: bool):
-    (b, hq, sq, d, hkv, skv, n_prefix), (pk, pv, index, lengths, mask, bias), strides, consts = launch_args(p)
+    (b, hq, sq, d, hkv, skv, n_prefix), extras, strides, consts = launch_args(p)
     q, k, v = p.q, p.k, p.v
     delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
     lse = lse.contiguous()
@@ -281,7 +290,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
             return (seq_blocks + prefix_blocks, b * hkv)
 
         _backward_dkdv_kernel[grid](
-            q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
+            q, k, v, *extras, d_o, lse, delta, dk, dv, dpk_rows, dpv_rows, *common, *sizes,
             NEED_DKV=need_dkv, **consts,
         )
         if need_prefix:
@@ -294,7 +303,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
         def grid(meta):
             return (triton.cdiv((hq // hkv) * sq, meta["BLOCK_M"]), b * hkv)
 
-        _backward_dq_kernel[grid](q, k, v, pk, pv, index, lengths, mask, bias, d_o, lse, delta, dq, *common, *sizes,
+        _backward_dq_kernel[grid](q, k, v, *extras, d_o, lse, delta, dq, *common, *sizes,
                                   *dq.stride(), **consts)
     return dq, dk, dv, dpk, dpv
 

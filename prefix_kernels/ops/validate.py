@@ -25,11 +25,23 @@ class AttentionProblem:
     causal: bool
     scale: float
     prefix_lengths: torch.Tensor | None = None  # [B] int64: row b sees prefix keys [0, prefix_lengths[b])
-    bias: torch.Tensor | None = None  # float [B|1, Hq|1, Sq|1, Skv] added to sequence-key logits, no gradient
+    bias: torch.Tensor | None = None  # float [B|1, Hq|1, Sq|1, Skv or P + Skv] added to logits, no gradient
 
     @property
     def shared_prefix(self) -> bool:
         return self.prefix_k.dim() == 3
+
+    @property
+    def sequence_bias(self) -> torch.Tensor | None:
+        """The bias of the sequence keys, `[.., Skv]`."""
+        return None if self.bias is None else self.bias[..., self.bias.shape[-1] - self.k.shape[2]:]
+
+    @property
+    def prefix_bias(self) -> torch.Tensor | None:
+        """The bias of the prefix keys, `[.., P]`, when the bias covers them too."""
+        if self.bias is None or self.bias.shape[-1] == self.k.shape[2]:
+            return None
+        return self.bias[..., : self.prefix_k.shape[-2]]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -141,7 +153,7 @@ def _check_prefix_lengths(prefix_lengths, prefix_k, q):
     return prefix_lengths
 
 
-def _check_bias(attention_bias, q, skv: int):
+def _check_bias(attention_bias, q, skv: int, n_prefix: int):
     if attention_bias is None:
         return None
     if not isinstance(attention_bias, torch.Tensor):
@@ -153,9 +165,9 @@ def _check_bias(attention_bias, q, skv: int):
         raise ValueError(f"attention_bias: expected device {q.device}, got {attention_bias.device}")
     shape = tuple(attention_bias.shape)
     if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, hq) or shape[2] not in (1, sq) \
-            or shape[3] != skv:
-        raise ValueError(f"attention_bias: expected [B={batch} or 1, Hq={hq} or 1, Sq={sq} or 1, Skv={skv}], "
-                         f"got {_shape(attention_bias)}")
+            or shape[3] not in (skv, n_prefix + skv):
+        raise ValueError(f"attention_bias: expected [B={batch} or 1, Hq={hq} or 1, Sq={sq} or 1, Skv={skv} or "
+                         f"P + Skv={n_prefix + skv}], got {_shape(attention_bias)}")
     return attention_bias.detach()
 
 
@@ -183,7 +195,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
             raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
     mask = _check_mask(attention_mask, q, k.shape[2])
     prefix_lengths = _check_prefix_lengths(prefix_lengths, prefix_k, q)
-    bias = _check_bias(attention_bias, q, k.shape[2])
+    bias = _check_bias(attention_bias, q, k.shape[2], prefix_k.shape[-2])
     if scale is None:
         scale = d**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
