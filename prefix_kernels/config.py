@@ -159,8 +159,7 @@ def infer_from_model_config(model_config, task_type: str | None) -> dict[str, in
     heads = _first(values, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
                    "num_attention_heads")
     if values.get("num_key_value_heads") is not None:
-        head_dim = values.get("head_dim") or token_dim // heads
-        heads = values["num_key_value_heads"]
+        head_dim, heads = _widest_kv_layer(values, values.get("head_dim") or token_dim // heads)
         token_dim = head_dim * heads
     return {
         "num_layers": num_layers,
@@ -169,3 +168,17 @@ def infer_from_model_config(model_config, task_type: str | None) -> dict[str, in
         "encoder_hidden_size": token_dim,
         "num_transformer_submodules": 2 if task_type == "SEQ_2_SEQ_LM" else 1,
     }
+
+
+def _widest_kv_layer(values: dict, head_dim: int) -> tuple[int, int]:
+    """(head_dim, KV heads) of the layer with the widest keys: models with per-layer attention shapes (Gemma's
+    global layers) get the prefix provisioned for the largest, as PEFT does; narrower layers read a slice."""
+    kv_heads = values["num_key_value_heads"]
+    if values.get("global_head_dim") is not None:
+        return values["global_head_dim"], values.get("num_global_key_value_heads") or kv_heads
+    widest = (head_dim, kv_heads)
+    for layer in (values.get("per_layer_config") or {}).values():  # only each layer's overrides
+        layer_dims = (layer.get("head_dim", head_dim), layer.get("num_key_value_heads", kv_heads))
+        if layer_dims[0] > widest[0]:
+            widest = layer_dims
+    return widest

@@ -110,10 +110,10 @@ class PrefixModel(nn.Module):
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
-        self._slots = _decoder_self_attention_slots(model, config)
+        self._slots = _prefix_slots(model, config)
         self._relative_bias = self._position_hook = None
         self._call_offsets: int | torch.Tensor = 0
-        if self._slots is not None:
+        if getattr(model.config, "is_encoder_decoder", False):
             self._relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
             positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
                                     and "position_ids" in inspect.signature(m.forward).parameters)
@@ -337,13 +337,13 @@ class PrefixModel(nn.Module):
         return self.base_model
 
 
-def _decoder_self_attention_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict | None:
-    """Encoder-decoders: which layer of the prefix each decoder self-attention reads (None: decoder-only models,
-    where every attention reads its own layer_idx). Encoder self-attention and cross-attention get no prefix, as
+def _prefix_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict | None:
+    """Which layer of the prefix each attention reads; None when every attention reads its own layer_idx.
+    Encoder-decoders: decoder self-attention only. Encoder self-attention and cross-attention get no prefix, as
     in PEFT. With PEFT's `num_transformer_submodules=2`, decoder layer i reads PEFT's layer (2 * i) mod L, the
     slot PEFT's own cache construction gives it, so PEFT-trained tables keep their meaning."""
     if not getattr(model.config, "is_encoder_decoder", False):
-        return None
+        return _kv_sharing_slots(model)
     slots = {}
     for name, module in model.named_modules():
         parts = name.split(".")
@@ -352,6 +352,20 @@ def _decoder_self_attention_slots(model: PreTrainedModel, config: PrefixTuningCo
             slots[module] = (2 * layer) % config.num_layers if config.num_transformer_submodules == 2 else layer
     if not slots:
         raise ValueError(f"model: found no decoder self-attention in {model.config.model_type}")
+    return slots
+
+
+def _kv_sharing_slots(model: PreTrainedModel) -> dict | None:
+    """Decoders whose later layers reuse an earlier layer's keys/values (Gemma's KV sharing): those layers read
+    that layer's prefix too, as they see its cache in PEFT. None when no layer shares."""
+    attentions = [m for m in model.modules() if hasattr(m, "is_kv_shared_layer")]
+    if not any(m.is_kv_shared_layer for m in attentions):
+        return None
+    slots, stores = {}, {}
+    for module in attentions:
+        slots[module] = stores[module.layer_type] if module.is_kv_shared_layer else module.layer_idx
+        if getattr(module, "store_full_length_kv", False):
+            stores[module.layer_type] = module.layer_idx
     return slots
 
 

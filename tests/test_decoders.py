@@ -17,6 +17,11 @@ FAMILIES = {
     "gemma3": (T.Gemma3ForCausalLM, T.Gemma3TextConfig, dict(hidden_size=64, intermediate_size=96,
                                                             num_hidden_layers=2, num_attention_heads=4,
                                                             num_key_value_heads=2, head_dim=16, sliding_window=64)),
+    # per-layer head dims (the global layers are twice as wide) and layers 2-3 reusing layers 0-1's keys/values
+    "gemma4": (T.Gemma4ForCausalLM, T.Gemma4TextConfig, dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, sliding_window=64, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
     "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     "phi": (T.PhiForCausalLM, T.PhiConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -42,6 +47,7 @@ def test_logits_match_peft(family):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                              num_virtual_tokens=P))
     ours = get_prefix_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    assert ours.peft_config["default"].token_dim == theirs.peft_config["default"].token_dim
     ours.prefix_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():

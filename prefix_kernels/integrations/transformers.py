@@ -68,7 +68,8 @@ def prefix_attention_forward(
     if slot is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
-        kv = prefix_states.kv[slot].to(query.dtype)
+        # [2, (N,) Hkv, P, D]; layers narrower than the widest (per-layer head dims) read a slice, as in PEFT
+        kv = prefix_states.kv[slot][..., : key.shape[1], :, : key.shape[-1]].to(query.dtype)
         prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_states.index, prefix_states.lengths
         if position_bias is not None and prefix_states.prefix_position_bias is not None:
             prefix_bias = prefix_states.prefix_position_bias(query.shape[2], key.shape[2] - query.shape[2])
