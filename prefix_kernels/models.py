@@ -60,6 +60,17 @@ def _check_loadable(model: PreTrainedModel, config: PrefixTuningConfig, tensors:
                              f"{list(params[name].shape)}")
 
 
+def _check_supported(model: PreTrainedModel) -> None:
+    """Refuse models whose attention prefix_kernels cannot reach or compute exactly."""
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
+                         "AttentionInterface, so prefix_kernels cannot reach it")
+    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"model: {model.config.model_type} caps attention logits (attn_logit_softcapping="
+                         f"{softcap}), which prefix_attention does not implement; expected None")
+
+
 def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
     """The base model's forward signature with the keyword-only `adapter_names` added (before any **kwargs)."""
     signature = inspect.signature(model.forward)
@@ -92,34 +103,21 @@ class PrefixModel(nn.Module):
         if not isinstance(config, PrefixTuningConfig):
             raise TypeError(f"config: expected a PrefixTuningConfig, got {type(config).__name__}")
         config = config.resolve(model.config)
-        if not model._can_set_attn_implementation():
-            raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
-                             "AttentionInterface, so prefix_kernels cannot reach it")
-        softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
-        if softcap is not None:
-            raise ValueError(f"model: {model.config.model_type} caps attention logits (attn_logit_softcapping="
-                             f"{softcap}), which prefix_attention does not implement; expected None")
+        _check_supported(model)
+        slots = _prefix_slots(model, config)  # every check passes before the model is touched
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._call_adapter_names: list[str] | None = None
+        self._call_offsets: int | torch.Tensor = 0
+        self._slots = slots
         model.requires_grad_(False)
         self.heads = [name for name, _ in model.named_modules()
                       if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
-        self._slots = _prefix_slots(model, config)
-        self._relative_bias = self._position_hook = None
-        self._call_offsets: int | torch.Tensor = 0
-        if getattr(model.config, "is_encoder_decoder", False):
-            self._relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
-            positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
-                                    and "position_ids" in inspect.signature(m.forward).parameters)
-            if positions is not None:
-                self._position_hook = positions.register_forward_pre_hook(self._shift_decoder_positions,
-                                                                          with_kwargs=True)
         self._forward_params = set(inspect.signature(model.forward).parameters)
         # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
         # see the base model's arguments and adapter_names.
@@ -128,9 +126,23 @@ class PrefixModel(nn.Module):
         self._padding_positions = next(
             ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
              if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
+        self._relative_bias, self._position_hook = self._encoder_decoder_positions(model)
         self._previous_attention = model.config._attn_implementation
         model.set_attn_implementation(register())
         self._hook = model.register_forward_pre_hook(self._inject_prefix, with_kwargs=True)
+
+    def _encoder_decoder_positions(self, model: PreTrainedModel):
+        """(T5's relative-bias attention, the hook on BART's learned decoder positions): how an encoder-decoder's
+        decoder learns that the prefix comes first. (None, None) for other models."""
+        if not getattr(model.config, "is_encoder_decoder", False):
+            return None, None
+        relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
+        positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
+                                and "position_ids" in inspect.signature(m.forward).parameters)
+        hook = None
+        if positions is not None:
+            hook = positions.register_forward_pre_hook(self._shift_decoder_positions, with_kwargs=True)
+        return relative_bias, hook
 
     def __getattr__(self, name: str):
         try:
