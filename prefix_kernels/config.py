@@ -9,6 +9,9 @@ from typing import Any
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # The task heads that train (and are saved) alongside the prefix, by PEFT's module names.
+# Where an encoder-decoder's prefix goes: "peft", decoder self-attention only, PEFT's layout; "full", also encoder
+# self-attention and cross-attention, the form of Li & Liang's paper (one table of 3 * L layers).
+PLACEMENTS = ("peft", "full")
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 PEFT_TYPE = "PREFIX_TUNING"
 
@@ -40,6 +43,7 @@ class PrefixTuningConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     modules_to_save: list[str] | None = None
+    encoder_decoder_placement: str = "peft"
     peft_type: str = PEFT_TYPE
     extra_fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -54,6 +58,9 @@ class PrefixTuningConfig:
             raise ValueError(f"peft_type: expected {PEFT_TYPE!r}, got {self.peft_type!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type: expected one of {', '.join(TASK_TYPES)} or None, got {self.task_type!r}")
+        if self.encoder_decoder_placement not in PLACEMENTS:
+            raise ValueError(f"encoder_decoder_placement: expected one of {', '.join(PLACEMENTS)}, "
+                             f"got {self.encoder_decoder_placement!r}")
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights: expected None or 'zero', got {self.init_weights!r}")
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size",
@@ -85,6 +92,12 @@ class PrefixTuningConfig:
     def head_dim(self) -> int:
         return self.token_dim // self.num_attention_heads
 
+    @property
+    def table_layers(self) -> int:
+        """Layers of prefix the encoder produces: num_layers, or 3 * num_layers for the full encoder-decoder form
+        (encoder self-attention, decoder self-attention, cross-attention)."""
+        return self.num_layers * (3 if self.encoder_decoder_placement == "full" else 1)
+
     def resolve(self, model_config) -> "PrefixTuningConfig":
         """A copy with every None field inferred from a transformers config; explicit fields must agree with it."""
         inferred = infer_from_model_config(model_config, self.task_type)
@@ -98,6 +111,8 @@ class PrefixTuningConfig:
                     f"{name}: the config says {given} but the model ({getattr(model_config, 'model_type', '?')}) "
                     f"needs {model_value}"
                 )
+        if values["encoder_decoder_placement"] == "full":
+            _check_full_placement(model_config, values["num_layers"])
         if values["num_virtual_tokens"] is None:
             raise ValueError("num_virtual_tokens: expected a positive int, got None")
         if values["encoder_hidden_size"] is None:
@@ -182,3 +197,14 @@ def _widest_kv_layer(values: dict, head_dim: int) -> tuple[int, int]:
         if layer_dims[0] > widest[0]:
             widest = layer_dims
     return widest
+
+
+def _check_full_placement(model_config, num_layers: int) -> None:
+    if not getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(f"encoder_decoder_placement: 'full' needs an encoder-decoder model, got "
+                         f"{getattr(model_config, 'model_type', '?')}")
+    decoder_layers = getattr(model_config, "num_decoder_layers", None) or getattr(model_config, "decoder_layers",
+                                                                                num_layers)
+    if decoder_layers != num_layers:
+        raise ValueError(f"encoder_decoder_placement: 'full' needs as many decoder layers as encoder layers "
+                         f"({num_layers}), got {decoder_layers}")

@@ -25,12 +25,12 @@ class PrefixEncoder(nn.Module):
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
             if getattr(config, name) is None:
                 raise ValueError(f"{name}: PrefixEncoder needs it set (PrefixTuningConfig.resolve fills it), got None")
-        self.num_layers = config.num_layers
+        self.num_layers = config.table_layers
         self.num_heads = config.num_attention_heads
         self.num_virtual_tokens = config.num_virtual_tokens
         self.token_dim = config.token_dim
         self.prefix_projection = config.prefix_projection and not config.inference_mode
-        flat_dim = config.num_layers * 2 * config.token_dim
+        flat_dim = self.num_layers * 2 * config.token_dim
         if self.prefix_projection:
             hidden = config.encoder_hidden_size or config.token_dim
             self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)

@@ -126,17 +126,24 @@ class PrefixModel(nn.Module):
         self._padding_positions = next(
             ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
              if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
-        self._relative_bias, self._position_hook = self._encoder_decoder_positions(model)
+        self._relative_bias, self._position_hook = self._encoder_decoder_positions(model, config)
+        self._encoder_hook = None
+        if config.encoder_decoder_placement == "full":
+            self._encoder_hook = model.get_encoder().register_forward_pre_hook(self._inject_encoder_prefix,
+                                                                               with_kwargs=True)
         self._previous_attention = model.config._attn_implementation
         model.set_attn_implementation(register())
         self._hook = model.register_forward_pre_hook(self._inject_prefix, with_kwargs=True)
 
-    def _encoder_decoder_positions(self, model: PreTrainedModel):
+    def _encoder_decoder_positions(self, model: PreTrainedModel, config: PrefixTuningConfig):
         """(T5's relative-bias attention, the hook on BART's learned decoder positions): how an encoder-decoder's
-        decoder learns that the prefix comes first. (None, None) for other models."""
+        decoder learns that the prefix comes first. (None, None) for other models. In the full placement the
+        prefix keys get no relative bias: they also serve the encoder and cross-attention, where PEFT has none."""
         if not getattr(model.config, "is_encoder_decoder", False):
             return None, None
-        relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
+        relative_bias = None
+        if config.encoder_decoder_placement == "peft":
+            relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
         positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
                                 and "position_ids" in inspect.signature(m.forward).parameters)
         hook = None
@@ -165,6 +172,22 @@ class PrefixModel(nn.Module):
         (including each step of `generate()`)."""
         if args:
             kwargs = self._as_keywords(module, args, kwargs)
+        kwargs["prefix_states"], offsets = self._prefix_states(kwargs)
+        self._call_offsets = offsets
+        if "position_ids" in self._forward_params:
+            kwargs["position_ids"] = self._positions(kwargs, offsets)
+        return (), kwargs
+
+    def _inject_encoder_prefix(self, module, args, kwargs):
+        """Forward pre-hook on an encoder-decoder's encoder (full placement): `generate()` calls the encoder on
+        its own, so its self-attention gets `prefix_states` here."""
+        if args:
+            kwargs = self._as_keywords(module, args, kwargs)
+        kwargs["prefix_states"] = self._prefix_states(kwargs)[0]
+        return (), kwargs
+
+    def _prefix_states(self, kwargs) -> tuple[PrefixStates, int | torch.Tensor]:
+        """(this call's prefix for every layer, the position offset: P, or each row's P as [B, 1])."""
         if self._call_adapter_names is None:
             encoder = self.prefix_encoders[self.active_adapter]
             states, offsets = PrefixStates(kv=encoder(), slots=self._slots), encoder.num_virtual_tokens
@@ -173,11 +196,7 @@ class PrefixModel(nn.Module):
             offsets = states.lengths[:, None]
         if self._relative_bias is not None:
             states.prefix_position_bias = functools.partial(_prefix_relative_bias, self._relative_bias, offsets)
-        self._call_offsets = offsets
-        kwargs["prefix_states"] = states
-        if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = self._positions(kwargs, offsets)
-        return (), kwargs
+        return states, offsets
 
     def _bank_states(self, adapter_names: list[str], batch: int) -> PrefixStates:
         """One bank holding each adapter the batch names, read by index; prefixes of different lengths are
@@ -342,26 +361,36 @@ class PrefixModel(nn.Module):
 
     def unload(self) -> PreTrainedModel:
         """Detach the prefix machinery and return the base model with its previous attention implementation."""
-        self._hook.remove()
-        if self._position_hook is not None:
-            self._position_hook.remove()
+        for hook in (self._hook, self._position_hook, self._encoder_hook):
+            if hook is not None:
+                hook.remove()
         self.base_model.set_attn_implementation(self._previous_attention)
         return self.base_model
 
 
 def _prefix_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict | None:
     """Which layer of the prefix each attention reads; None when every attention reads its own layer_idx.
-    Encoder-decoders: decoder self-attention only. Encoder self-attention and cross-attention get no prefix, as
-    in PEFT. With PEFT's `num_transformer_submodules=2`, decoder layer i reads PEFT's layer (2 * i) mod L, the
-    slot PEFT's own cache construction gives it, so PEFT-trained tables keep their meaning."""
+
+    Encoder-decoders, "peft" placement: decoder self-attention only, as in PEFT. With PEFT's
+    `num_transformer_submodules=2`, decoder layer i reads PEFT's layer (2 * i) mod L, the slot PEFT's own cache
+    construction gives it, so PEFT-trained tables keep their meaning. "full" placement: encoder self-attention
+    reads layers [0, L), decoder self-attention [L, 2L), cross-attention [2L, 3L)."""
     if not getattr(model.config, "is_encoder_decoder", False):
         return _kv_sharing_slots(model)
+    full, n = config.encoder_decoder_placement == "full", config.num_layers
     slots = {}
     for name, module in model.named_modules():
         parts = name.split(".")
-        layer = getattr(module, "layer_idx", None)
-        if layer is not None and "decoder" in parts and parts[-1] in ("SelfAttention", "self_attn"):
-            slots[module] = (2 * layer) % config.num_layers if config.num_transformer_submodules == 2 else layer
+        numbers = [int(part) for part in parts if part.isdigit()]
+        if not numbers or parts[-1] not in ("SelfAttention", "self_attn", "EncDecAttention", "encoder_attn"):
+            continue
+        layer, is_self = numbers[0], parts[-1] in ("SelfAttention", "self_attn")
+        if "decoder" in parts and is_self:
+            slots[module] = n + layer if full else (2 * layer) % n if config.num_transformer_submodules == 2 else layer
+        elif full and "encoder" in parts and is_self:
+            slots[module] = layer
+        elif full and "decoder" in parts:
+            slots[module] = 2 * n + layer
     if not slots:
         raise ValueError(f"model: found no decoder self-attention in {model.config.model_type}")
     return slots

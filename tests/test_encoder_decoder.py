@@ -40,7 +40,7 @@ def concat_reference(module, query, key, value, attention_mask, scaling=None, dr
     n = prefix.shape[2]
     if position_bias is not None:
         scores[..., n:] += position_bias
-        if n:  # T5: the prefix keys sit at the first P positions, as in PEFT
+        if n and prefix_states.prefix_position_bias is not None:  # T5: the prefix sits at the first P positions
             scores[..., :n] += prefix_states.prefix_position_bias(s, t - s)
     if attention_mask is not None:
         visible = attention_mask[..., :t]
@@ -58,10 +58,11 @@ AttentionInterface.register("concat_reference", concat_reference)
 AttentionMaskInterface.register("concat_reference", prefix_mask)
 
 
+@pytest.mark.parametrize("placement", ["peft", "full"])
 @pytest.mark.parametrize("name", MODELS)
-def test_matches_a_plain_concatenation_reference(name):
-    model = get_prefix_model(build(name).double(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
-                                                                     num_virtual_tokens=4))
+def test_matches_a_plain_concatenation_reference(name, placement):
+    model = get_prefix_model(build(name).double(), PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_decoder_placement=placement))
     model.prefix_encoders.double()
     ids = torch.randint(3, 100, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -113,11 +114,12 @@ def test_only_decoder_self_attention_reads_a_prefix(submodules, slots):
     assert list(named.values()) == slots
 
 
+@pytest.mark.parametrize("placement", ["peft", "full"])
 @pytest.mark.parametrize("name", MODELS)
-def test_generate_uses_the_prefix(name):
+def test_generate_uses_the_prefix(name, placement):
     base = build(name)
-    model = get_prefix_model(copy.deepcopy(base), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
-                                                                    num_virtual_tokens=4))
+    model = get_prefix_model(copy.deepcopy(base), PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_decoder_placement=placement))
     ids = torch.randint(3, 100, (1, 6))
     out = model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, num_beams=1, do_sample=False,
                          return_dict_in_generate=True, output_logits=True)
@@ -138,3 +140,27 @@ def test_the_prefix_trains():
     model(input_ids=ids, labels=labels).loss.backward()
     grad = model.prefix_encoders["default"].embedding.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_full_placement_reaches_every_attention():
+    """The paper's form: encoder self-attention, decoder self-attention and cross-attention each have a prefix."""
+    model = get_prefix_model(build("t5", layers=4), PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_decoder_placement="full"))
+    named = {name: model._slots[m] for name, m in model.get_base_model().named_modules() if m in model._slots}
+    assert named == {**{f"encoder.block.{i}.layer.0.SelfAttention": i for i in range(4)},
+                     **{f"decoder.block.{i}.layer.0.SelfAttention": 4 + i for i in range(4)},
+                     **{f"decoder.block.{i}.layer.1.EncDecAttention": 8 + i for i in range(4)}}
+    assert model.get_prefix().shape[0] == 12
+    model.train()
+    ids, labels = torch.randint(3, 100, (2, 6)), torch.randint(3, 100, (2, 4))
+    model(input_ids=ids, labels=labels).loss.backward()
+    grad = model.prefix_encoders["default"].embedding.weight.grad.view(4, 12, -1)
+    assert all(grad[:, layer].abs().sum() > 0 for layer in range(12))  # every layer's prefix is used
+
+
+def test_full_placement_needs_an_encoder_decoder():
+    from tiny_models import tiny_decoder
+
+    with pytest.raises(ValueError, match="^encoder_decoder_placement: 'full' needs an encoder-decoder model"):
+        get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(num_virtual_tokens=4,
+                                                                   encoder_decoder_placement="full"))
