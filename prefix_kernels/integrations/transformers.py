@@ -36,7 +36,7 @@ class PrefixStates:
     prefix_position_bias: Callable[[int, int], torch.Tensor] | None = None
 
     def slot(self, module: torch.nn.Module) -> int | None:
-        """The layer of `kv` that `module` reads: its `layer_idx`, or per `slots` (encoder-decoders)."""
+        """The layer of `kv` that `module` reads: its `layer_idx`, or per `slots` (encoder-decoders, KV sharing)."""
         if self.slots is not None:
             return self.slots.get(module)
         layer = getattr(module, "layer_idx", None)
