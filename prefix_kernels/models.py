@@ -61,14 +61,10 @@ def _check_loadable(model: PreTrainedModel, config: PrefixTuningConfig, tensors:
 
 
 def _check_supported(model: PreTrainedModel) -> None:
-    """Refuse models whose attention prefix_kernels cannot reach or compute exactly."""
+    """Refuse models whose attention prefix_kernels cannot reach."""
     if not model._can_set_attn_implementation():
         raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
                          "AttentionInterface, so prefix_kernels cannot reach it")
-    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
-    if softcap is not None:
-        raise ValueError(f"model: {model.config.model_type} caps attention logits (attn_logit_softcapping="
-                         f"{softcap}), which prefix_attention does not implement; expected None")
 
 
 def _forward_signature(model: PreTrainedModel) -> inspect.Signature:

@@ -7,7 +7,7 @@ from prefix_kernels import prefix_attention
 
 
 def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, attention_mask=None, prefix_index=None,
-                     prefix_lengths=None, attention_bias=None, compute_dtype=torch.float64):
+                     prefix_lengths=None, attention_bias=None, softcap=None, compute_dtype=torch.float64):
     """(o, lse), computed the slow, obvious way: in float64, or with `compute_dtype` for the matmuls (softmax in
     float32), the way PyTorch would do it in that precision."""
     q, k, v, pk, pv = (t.to(compute_dtype) for t in (q, k, v, prefix_k, prefix_v))
@@ -21,6 +21,8 @@ def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, at
     keys = torch.cat([pk, k], dim=2).repeat_interleave(hq // hkv, dim=1)
     values = torch.cat([pv, v], dim=2).repeat_interleave(hq // hkv, dim=1)
     scores = q @ keys.transpose(-1, -2) * (d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_bias is not None:  # the sequence keys, or [prefix ; sequence] when it covers both
         scores[..., scores.shape[-1] - attention_bias.shape[-1]:] += attention_bias.to(compute_dtype)
     visible = torch.ones(b, hq, sq, skv, dtype=torch.bool, device=q.device)
@@ -64,13 +66,14 @@ def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.f
 
 
 def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None, lengths=None,
-                          bias=None):
+                          bias=None, softcap=None):
     q, k, v, pk, pv = tensors
     o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                              prefix_index=index, prefix_lengths=lengths, attention_bias=bias, return_lse=True,
-                              backend=backend)
+                              prefix_index=index, prefix_lengths=lengths, attention_bias=bias, softcap=softcap,
+                              return_lse=True, backend=backend)
     ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
-                                      prefix_index=index, prefix_lengths=lengths, attention_bias=bias)
+                                      prefix_index=index, prefix_lengths=lengths, attention_bias=bias,
+                                      softcap=softcap)
     assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)

@@ -22,6 +22,10 @@ FAMILIES = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, global_head_dim=32, sliding_window=64, num_kv_shared_layers=2,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    # logits soft-capped at 50 in every attention, and sliding-window layers
+    "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                        attn_logit_softcapping=5.0)),
     "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     "phi": (T.PhiForCausalLM, T.PhiConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -83,11 +87,3 @@ def test_sliding_window_keeps_the_prefix_visible():
         want = reference_with_prefix_in_cache(base, ours.get_prefix(), ids, (j <= i) & (j > i - window))
         got = ours(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-def test_logit_softcapping_is_refused():
-    base = build(T.Gemma2ForCausalLM, T.Gemma2Config, dict(hidden_size=64, intermediate_size=96,
-                                                            num_hidden_layers=2, num_attention_heads=4,
-                                                            num_key_value_heads=2, head_dim=16))
-    with pytest.raises(ValueError, match=r"^model: gemma2 caps attention logits \(attn_logit_softcapping=50.0\)"):
-        get_prefix_model(base, PrefixTuningConfig(num_virtual_tokens=P))

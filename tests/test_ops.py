@@ -22,7 +22,8 @@ def grid():
     for i, ((sq, skv), p, kind, mask) in enumerate(cases):
         hq, hkv = HEADS[i % len(HEADS)]
         d = HEAD_DIMS[(i // len(HEADS)) % len(HEAD_DIMS)]
-        params.append(pytest.param(hq, hkv, sq, skv, p, d, kind, mask, i % 2 == 0, id=f"{hq}-{hkv}-{sq}-{skv}-{p}-{d}-{kind}-{mask}"))
+        case_id = f"{hq}-{hkv}-{sq}-{skv}-{p}-{d}-{kind}-{mask}"
+        params.append(pytest.param(hq, hkv, sq, skv, p, d, kind, mask, i % 2 == 0, id=case_id))
     return params
 
 
@@ -109,3 +110,12 @@ def test_attention_bias_over_prefix_and_sequence(kind, sq, skv):
     bias = torch.randn(1, 4, sq, 5 + skv, dtype=torch.float64, device=tensors[0].device)
     lengths = torch.tensor([5, 2, 0], device=tensors[0].device) if kind != "shared" else None
     assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, bias=bias, lengths=lengths)
+
+
+@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 40, 40)])
+def test_softcap(kind, sq, skv):
+    """Gemma 2's soft cap on the logits of every key, prefix and sequence; gradients through the tanh."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float64)
+    with torch.no_grad():
+        tensors[0].mul_(3.0)  # logits large enough for the cap to bend them
+    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, softcap=2.5)

@@ -130,3 +130,12 @@ def test_attention_bias_over_prefix_and_sequence(kind, sq, skv):
     bias = torch.randn(1, 4, sq, 5 + skv, dtype=torch.float32, device=tensors[0].device)
     lengths = torch.tensor([5, 2, 0], device=tensors[0].device) if kind != "shared" else None
     assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias, lengths=lengths)
+
+
+@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 40, 40)])
+def test_softcap(kind, sq, skv):
+    """Gemma 2's soft cap on the logits of every key, prefix and sequence; gradients through the tanh."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float32)
+    with torch.no_grad():
+        tensors[0].mul_(3.0)  # logits large enough for the cap to bend them
+    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, softcap=2.5)

@@ -11,6 +11,10 @@ def inputs(b=2, hq=4, hkv=2, sq=3, skv=5, p=4, d=16):
                 prefix_k=torch.randn(hkv, p, d), prefix_v=torch.randn(hkv, p, d))
 
 
+def bank(n):
+    return dict(prefix_k=torch.randn(n, 2, 4, 16), prefix_v=torch.randn(n, 2, 4, 16))
+
+
 CASES = [
     ("q", TypeError, lambda a: a.update(q=[1.0])),
     ("q", ValueError, lambda a: a.update(q=a["q"][0])),
@@ -25,16 +29,16 @@ CASES = [
     ("prefix_k", ValueError, lambda a: a.update(prefix_k=torch.randn(16), prefix_v=torch.randn(16))),
     ("prefix_k", TypeError, lambda a: a.update(prefix_k=a["prefix_k"].half(), prefix_v=a["prefix_v"].half())),
     ("prefix_index", ValueError, lambda a: a.update(prefix_index=torch.tensor([0, 1]))),
-    ("prefix_index", ValueError, lambda a: a.update(prefix_k=torch.randn(3, 2, 4, 16), prefix_v=torch.randn(3, 2, 4, 16),
+    ("prefix_index", ValueError, lambda a: a.update(**bank(3),
                                                     prefix_index=torch.tensor([0, 1], dtype=torch.int32))),
-    ("prefix_index", ValueError, lambda a: a.update(prefix_k=torch.randn(3, 2, 4, 16), prefix_v=torch.randn(3, 2, 4, 16),
+    ("prefix_index", ValueError, lambda a: a.update(**bank(3),
                                                     prefix_index=torch.tensor([0, 3]))),
-    ("prefix_index", ValueError, lambda a: a.update(prefix_k=torch.randn(3, 2, 4, 16), prefix_v=torch.randn(3, 2, 4, 16),
+    ("prefix_index", ValueError, lambda a: a.update(**bank(3),
                                                     prefix_index=torch.tensor([0, 1, 2]))),
     ("prefix_lengths", ValueError, lambda a: a.update(prefix_lengths=torch.tensor([1, 2]))),
-    ("prefix_lengths", ValueError, lambda a: a.update(prefix_k=torch.randn(2, 2, 4, 16), prefix_v=torch.randn(2, 2, 4, 16),
+    ("prefix_lengths", ValueError, lambda a: a.update(**bank(2),
                                                       prefix_lengths=torch.tensor([1, 5]))),
-    ("prefix_lengths", ValueError, lambda a: a.update(prefix_k=torch.randn(2, 2, 4, 16), prefix_v=torch.randn(2, 2, 4, 16),
+    ("prefix_lengths", ValueError, lambda a: a.update(**bank(2),
                                                       prefix_lengths=torch.tensor([1]))),
     ("attention_mask", ValueError, lambda a: a.update(attention_mask=torch.ones(2, 4))),
     ("attention_mask", TypeError, lambda a: a.update(attention_mask=torch.zeros(2, 1, 3, 5))),

@@ -56,6 +56,7 @@ def prefix_attention_forward(
     prefix_states: PrefixStates | None = None,
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,  # T5's relative position bias [1, Hq, Sq, Skv]
+    softcap: float | None = None,  # Gemma 2's logit cap
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
@@ -86,7 +87,7 @@ def prefix_attention_forward(
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
         causal=causal, scale=scaling, attention_mask=attention_mask, prefix_index=index, prefix_lengths=lengths,
-        attention_bias=position_bias,
+        attention_bias=position_bias, softcap=softcap,
     )
     return out.transpose(1, 2), None
 

@@ -19,6 +19,7 @@ def prefix_attention(
     prefix_index: torch.Tensor | None = None,
     prefix_lengths: torch.Tensor | None = None,
     attention_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -44,6 +45,7 @@ def prefix_attention(
         attention_bias: float `[B or 1, Hq or 1, Sq or 1, Skv]` added to the logits of the sequence keys, or
             `[.., P + Skv]` added over `[prefix ; sequence]` (T5's relative position bias with the prefix as the
             first P positions). It receives no gradient.
+        softcap: cap the logits as `softcap * tanh(logits / softcap)` before bias and mask (Gemma 2), or None.
         return_lse: also return the natural-log log-sum-exp of each query row.
         backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch;
             the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
@@ -71,7 +73,7 @@ def prefix_attention(
     problem = check_inputs(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
-        prefix_lengths=prefix_lengths, attention_bias=attention_bias,
+        prefix_lengths=prefix_lengths, attention_bias=attention_bias, softcap=softcap,
     )
     kernel = select_backend(backend, q.device, q.shape[-1])
     o, lse = kernel(problem)

@@ -24,6 +24,10 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_MIN_ROWS = 32
 
 
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -91,7 +95,7 @@ def _prefix_part(p: AttentionProblem, qg: torch.Tensor):
     b, m = qg.shape[0], qg.shape[2]
     pk, pv = _rowwise_prefix(p, qg.dtype)
     shared = p.shared_prefix
-    s = torch.matmul(_fold(qg, shared), (pk * p.scale).transpose(-1, -2))  # [.., rows, P], scale folded into pk
+    s = _capped(torch.matmul(_fold(qg, shared), (pk * p.scale).transpose(-1, -2)), p.softcap)  # [.., rows, P]
     if s.shape[-1] == 0:  # P = 0: zeros, kept in the graph so an empty prefix gets its (empty) gradient
         empty_lse = s.new_full(s.shape[:-1], float("-inf"))
         return _unfold(torch.matmul(s, pv), shared, b, m), _unfold(empty_lse, shared, b, m)
@@ -123,7 +127,7 @@ def _attend_matmul(p: AttentionProblem):
     b, hq, sq, d = q.shape
     skv = p.k.shape[2]
     qg = _grouped(q, hkv).to(acc)  # [B, Hkv, M, D]
-    s = torch.matmul(qg, p.k.to(acc).transpose(-1, -2)) * p.scale  # [B, Hkv, M, Skv]
+    s = _capped(torch.matmul(qg, p.k.to(acc).transpose(-1, -2)) * p.scale, p.softcap)  # [B, Hkv, M, Skv]
     if p.sequence_bias is not None:
         s = (s.view(b, hkv, hq // hkv, sq, skv) + _grouped_like_scores(p.sequence_bias.to(acc), hkv)).view_as(s)
     mask = sequence_mask(p)
@@ -257,7 +261,8 @@ def torch_prefix_attention(p: AttentionProblem):
     """Backend "torch": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32)."""
     q, k = p.q, p.k
     rows = q.shape[1] // k.shape[1] * q.shape[2]
-    if q.device.type == "cpu" and k.shape[2] > 0 and rows >= _FLASH_MIN_ROWS and q.numel() > 0:
+    flash = q.device.type == "cpu" and k.shape[2] > 0 and rows >= _FLASH_MIN_ROWS and q.numel() > 0
+    if flash and p.softcap is None:  # PyTorch's flash kernel has no soft cap
         # The CPU flash kernel assumes a unit stride along D: a gapped view is copied (under autograd) first.
         p = dataclasses.replace(p, **{name: _unit_stride_d(getattr(p, name))
                                       for name in ("q", "k", "v", "prefix_k", "prefix_v")})

@@ -66,10 +66,28 @@ def add_bias(s, BIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible):
 
 
 @triton.jit
-def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, n_end, qk_scale, d, d_ok,
+def qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 logits q . k * scale * log2(e) [BM, BN], soft-capped as cap * tanh(s / cap) when HAS_SOFTCAP (`cap`
+    is the cap times log2(e), so capping in base 2 equals capping the natural logits)."""
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        s = cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)  # tanh through the sigmoid
+    return s
+
+
+@triton.jit
+def softcap_slope(s, cap, HAS_SOFTCAP: tl.constexpr):
+    """d(capped logit) / d(logit) = 1 - tanh^2, from the capped logits `s` (1 without a cap)."""
+    if HAS_SOFTCAP:
+        return 1.0 - (s / cap) * (s / cap)
+    return 1.0
+
+
+@triton.jit
+def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, hi, n_end, qk_scale, cap, d, d_ok,
                  i, h, b, row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
                  IS_SEQUENCE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold keys [lo, hi) (those >= n_end are padding) into the running softmax of the query rows `q` [BM, BD].
     Prefix keys are seen by every row; sequence keys pass the causal band and the mask. `BIAS` is the additive
     bias of these keys (the prefix's or the sequence's columns), applied when HAS_BIAS."""
@@ -78,7 +96,7 @@ def attend_range(q, m_i, l_i, acc, k_base, v_base, s_kn, s_kd, s_vn, s_vd, lo, h
         n_ok = n < n_end
         kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + n[:, None] * s_vn + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
+        s = qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP, PRECISION)  # [BM, BN], base-2 logits
         if IS_SEQUENCE:
             s = sequence_logits(s, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
                                 s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
@@ -124,6 +142,11 @@ def broadcast_view(t: torch.Tensor | None, dtype: torch.dtype, dummy: torch.Tens
     return t, tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
+def softcap_arg(p: AttentionProblem) -> float:
+    """The logit cap in base-2 units (the kernels' `cap`), 0 when there is none."""
+    return 0.0 if p.softcap is None else p.softcap * LOG2E
+
+
 def launch_args(p: AttentionProblem):
     """(sizes, the tensors after Q, K, V in every kernel's argument list, their strides, constexprs)."""
     q, k = p.q, p.k
@@ -141,7 +164,7 @@ def launch_args(p: AttentionProblem):
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=p.mask is not None,
         HAS_BIAS=p.bias is not None, HAS_PREFIX_BIAS=p.prefix_bias is not None,
         HAS_INDEX=p.prefix_index is not None, HAS_LENGTHS=p.prefix_lengths is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_SOFTCAP=p.softcap is not None,
     )
     extras = (pk, pv, index, lengths, mask, bias, prefix_bias)
     return (b, hq, sq, d, hkv, skv, n_prefix), extras, (*s_pk, *s_pv, *s_m, *s_b), consts

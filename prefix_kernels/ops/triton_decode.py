@@ -13,7 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, LOG2E, attend_range, causal_end, finish_rows, grouped_rows, launch_args
+from .triton_common import (
+    INTERPRETED,
+    LOG2E,
+    attend_range,
+    causal_end,
+    finish_rows,
+    grouped_rows,
+    launch_args,
+    softcap_arg,
+)
 from .validate import AttentionProblem
 
 MAX_DECODE_QUERIES = 16
@@ -32,9 +41,10 @@ def _split_kernel(
     Q, K, V, PK, PV, PIDX, PLEN, MASK, BIAS, PBIAS, O_PART, LSE_PART,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-    HKV, G, SQ, SKV, P, qk_scale, KEYS_PER_SPLIT, SPLITS,
+    HKV, G, SQ, SKV, P, qk_scale, cap, KEYS_PER_SPLIT, SPLITS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)  # 0: the prefix; s > 0: sequence keys [(s-1) * KEYS_PER_SPLIT, s * KEYS_PER_SPLIT)
@@ -55,17 +65,17 @@ def _split_kernel(
         p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P
         m_i, l_i, acc = attend_range(
             q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh,
-            s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
+            s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, qk_scale, cap, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
             s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, False, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION,
-            BLOCK_N)
+            HAS_SOFTCAP, BLOCK_N)
     else:
         lo = (split - 1) * KEYS_PER_SPLIT
         end = tl.minimum(lo + KEYS_PER_SPLIT, SKV)
         m_i, l_i, acc = attend_range(
             q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
-            lo, tl.minimum(end, causal_end(i, row_ok, SQ, SKV, CAUSAL)), end, qk_scale, d, d_ok, i, h, b,
+            lo, tl.minimum(end, causal_end(i, row_ok, SQ, SKV, CAUSAL)), end, qk_scale, cap, d, d_ok, i, h, b,
             row_ok, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-            True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
+            True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, HAS_SOFTCAP, BLOCK_N)
     o, lse = finish_rows(m_i, l_i, acc)
     part = (pid_bh * SPLITS + split) * BLOCK_M + rows  # O_PART [B * Hkv, SPLITS, BM, BD], LSE_PART [.., BM]
     tl.store(O_PART + part[:, None] * BLOCK_D + d[None, :], o)
@@ -122,7 +132,7 @@ def decode_forward(p: AttentionProblem):
     _split_kernel[(splits, b * hkv)](
         p.q, p.k, p.v, *extras, o_part, lse_part,
         *p.q.stride(), *p.k.stride(), *p.v.stride(), *strides,
-        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, keys_per_split, splits,
+        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, softcap_arg(p), keys_per_split, splits,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, **consts,
     )
     o = torch.empty(b, sq, hq, d, dtype=p.q.dtype, device=p.q.device).transpose(1, 2)

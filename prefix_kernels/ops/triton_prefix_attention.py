@@ -30,7 +30,10 @@ from .triton_common import (
     finish_rows,
     grouped_rows,
     launch_args,
+    qk_logits,
     sequence_logits,
+    softcap_arg,
+    softcap_slope,
 )
 from .validate import AttentionProblem
 
@@ -42,9 +45,10 @@ def _forward_kernel(
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_ob, s_oh, s_om, s_od,
-    HKV, G, SQ, SKV, P, qk_scale,
+    HKV, G, SQ, SKV, P, qk_scale, cap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -64,14 +68,15 @@ def _forward_kernel(
     p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P  # this row's prefix keys; the rest is padding
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, PK + pb * s_pkb + hk * s_pkh, PV + pb * s_pvb + hk * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
-        0, p_len, p_len, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
+        0, p_len, p_len, qk_scale, cap, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, PBIAS,
         s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-        False, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION, BLOCK_N)
+        False, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION, HAS_SOFTCAP, BLOCK_N)
     # Then the sequence; key blocks past the causal edge of every row here are never visited.
     m_i, l_i, acc = attend_range(
         q, m_i, l_i, acc, K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh, s_kn, s_kd, s_vn, s_vd,
-        0, causal_end(i, row_ok, SQ, SKV, CAUSAL), SKV, qk_scale, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
-        s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_N)
+        0, causal_end(i, row_ok, SQ, SKV, CAUSAL), SKV, qk_scale, cap, d, d_ok, i, h, b, row_ok, SQ, SKV, MASK, BIAS,
+        s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, True, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, HAS_SOFTCAP,
+        BLOCK_N)
 
     o, lse = finish_rows(m_i, l_i, acc)
     tl.store(O + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + d[None, :] * s_od, o.to(O.dtype.element_ty),
@@ -83,9 +88,9 @@ def _forward_kernel(
 def _key_block_grads(
     kt_ptrs, v_ptrs, n_start, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
     s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-    HKV, G, SQ, SKV, qk_scale, d, d_ok,
+    HKV, G, SQ, SKV, qk_scale, cap, d, d_ok,
     IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV [BN, BD] (fp32, unscaled dK) of one block of keys, summed over every query row that sees it."""
@@ -109,7 +114,8 @@ def _key_block_grads(
             lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing have p = 0 everywhere
             delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            capped = qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP, PRECISION)
+            s = capped
             hb = tl.zeros([BLOCK_M], tl.int64) + h
             if IS_PREFIX:
                 visible = n_ok[None, :] & row_ok[:, None]
@@ -122,7 +128,7 @@ def _key_block_grads(
             p = tl.math.exp2(s - lse[:, None])  # [BM, BN], 0 where not visible
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * softcap_slope(capped, cap, HAS_SOFTCAP)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
 
@@ -134,9 +140,10 @@ def _backward_dkdv_kernel(
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
-    HKV, G, SQ, SKV, P, qk_scale, scale,
+    HKV, G, SQ, SKV, P, qk_scale, cap, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     NEED_DKV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -157,7 +164,8 @@ def _backward_dkdv_kernel(
             V + b * s_vb + hk * s_vh + n[:, None] * s_vn + d[None, :] * s_vd,
             pid_n * BLOCK_N, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, BIAS,
             s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-            HKV, G, SQ, SKV, qk_scale, d, d_ok, False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            HKV, G, SQ, SKV, qk_scale, cap, d, d_ok, False, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION, HAS_SOFTCAP,
+            BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * SKV + n[:, None]) * HEAD_DIM + d[None, :]  # DK, DV: contiguous [B, Hkv, Skv, D]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
@@ -171,7 +179,7 @@ def _backward_dkdv_kernel(
             PV + pb * s_pvb + hk * s_pvh + n[:, None] * s_pvn + d[None, :] * s_pvd,
             0, n, n_ok, b, hk, Q, DO, LSE, DELTA, MASK, PBIAS,
             s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn,
-            HKV, G, SQ, SKV, qk_scale, d, d_ok, True, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION,
+            HKV, G, SQ, SKV, qk_scale, cap, d, d_ok, True, CAUSAL, HAS_MASK, HAS_PREFIX_BIAS, PRECISION, HAS_SOFTCAP,
             BLOCK_M, BLOCK_N, BLOCK_D)
         out = ((b * HKV + hk) * P + n[:, None]) * HEAD_DIM + d[None, :]  # per-row partials, fp32
         write = (n < P)[:, None] & d_ok[None, :]  # padding past p_len gets its zeros written too
@@ -186,9 +194,10 @@ def _backward_dq_kernel(
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_pkb, s_pkh, s_pkn, s_pkd, s_pvb, s_pvh, s_pvn, s_pvd,
     s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, s_dob, s_doh, s_dom, s_dod,
-    HKV, G, SQ, SKV, P, qk_scale, scale, s_dqb, s_dqh, s_dqm, s_dqd,
+    HKV, G, SQ, SKV, P, qk_scale, cap, scale, s_dqb, s_dqh, s_dqm, s_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PREFIX_BIAS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -215,12 +224,13 @@ def _backward_dq_kernel(
         n_ok = n < p_len
         kt = tl.load(pk_base + n[None, :] * s_pkn + d[:, None] * s_pkd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(pv_base + n[None, :] * s_pvn + d[:, None] * s_pvd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        capped = qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP, PRECISION)
         visible = n_ok[None, :] & row_ok[:, None]
+        s = capped
         if HAS_PREFIX_BIAS:
             s = add_bias(s, PBIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
+        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None]) * softcap_slope(capped, cap, HAS_SOFTCAP)
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
 
     k_base = K + b * s_kb + hk * s_kh
@@ -230,10 +240,11 @@ def _backward_dq_kernel(
         n_ok = n < SKV
         kt = tl.load(k_base + n[None, :] * s_kn + d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + n[None, :] * s_vn + d[:, None] * s_vd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = sequence_logits(tl.dot(q, kt, input_precision=PRECISION) * qk_scale, n, n_ok, i, h, b, SQ, SKV, MASK,
-                            BIAS, s_mb, s_mh, s_mm, s_mn, s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
+        capped = qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP, PRECISION)
+        s = sequence_logits(capped, n, n_ok, i, h, b, SQ, SKV, MASK, BIAS, s_mb, s_mh, s_mm, s_mn,
+                            s_bb, s_bh, s_bm, s_bn, row_ok, CAUSAL, HAS_MASK, HAS_BIAS)
         p = tl.math.exp2(s - lse[:, None])
-        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
+        ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None]) * softcap_slope(capped, cap, HAS_SOFTCAP)
         dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PRECISION)
 
     tl.store(DQ + b * s_dqb + h[:, None] * s_dqh + i[:, None] * s_dqm + d[None, :] * s_dqd,
@@ -253,7 +264,7 @@ def _forward(p: AttentionProblem):
     _forward_kernel[grid](
         q, k, v, *extras, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *strides, *o.stride(),
-        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, **consts,
+        hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, softcap_arg(p), **consts,
     )
     return o, lse
 
@@ -274,7 +285,7 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
     delta = (d_o.float() * o.float()).sum(-1).contiguous()  # [B, Hq, Sq]
     lse = lse.contiguous()
     common = (*q.stride(), *k.stride(), *v.stride(), *strides, *d_o.stride())
-    sizes = (hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, p.scale)
+    sizes = (hkv, hq // hkv, sq, skv, n_prefix, p.scale * LOG2E, softcap_arg(p), p.scale)
     dq = dk = dv = dpk = dpv = None
     if need_dkv or need_prefix:
         seq_shape = (b, hkv, skv, d) if need_dkv else (0,)

@@ -26,6 +26,7 @@ class AttentionProblem:
     scale: float
     prefix_lengths: torch.Tensor | None = None  # [B] int64: row b sees prefix keys [0, prefix_lengths[b])
     bias: torch.Tensor | None = None  # float [B|1, Hq|1, Sq|1, Skv or P + Skv] added to logits, no gradient
+    softcap: float | None = None  # logits (before bias and mask) become softcap * tanh(logits / softcap)
 
     @property
     def shared_prefix(self) -> bool:
@@ -172,7 +173,7 @@ def _check_bias(attention_bias, q, skv: int, n_prefix: int):
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
-                 prefix_lengths=None, attention_bias=None) -> AttentionProblem:
+                 prefix_lengths=None, attention_bias=None, softcap=None) -> AttentionProblem:
     """Validate `prefix_attention`'s arguments; return them as an `AttentionProblem`."""
     _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
     _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
@@ -200,7 +201,9 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
         scale = d**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0):
+        raise ValueError(f"softcap: expected a positive float or None, got {softcap!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale), prefix_lengths,
-                            bias)
+                            bias, None if softcap is None else float(softcap))
