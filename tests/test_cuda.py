@@ -29,10 +29,10 @@ def test_kernel_source_compiles_with_nvcc(tmp_path):
     assert obj.stat().st_size > 0
 
 
-def _problem(dtype=torch.float16, d=64, sq=1, mask=None, grad=False):
-    (q, k, v, pk, pv), _, _ = make_inputs(2, 4, 2, sq, 9, 3, d, "shared", None, dtype=dtype)
+def _problem(dtype=torch.float16, d=64, sq=1, mask=None, grad=False, **extra):
+    (q, k, v, pk, pv), _, _ = make_inputs(2, 4, 2, sq, 9, 3, d, "row", None, dtype=dtype)
     tensors = [t.detach().requires_grad_(grad) for t in (q, k, v, pk, pv)]
-    return check_inputs(*tensors, causal=True, scale=None, attention_mask=mask, prefix_index=None)
+    return check_inputs(*tensors, causal=True, scale=None, attention_mask=mask, prefix_index=None, **extra)
 
 
 REFUSED = [
@@ -42,6 +42,9 @@ REFUSED = [
     ("q", ValueError, "inference-only", dict(grad=True)),
     ("attention_mask", ValueError, r"key-padding mask .* got a mask of shape \[2, 1, 3, 9\]",
      dict(sq=3, mask=torch.ones(2, 1, 3, 9, dtype=torch.bool))),
+    ("prefix_lengths", ValueError, "does not take it", dict(prefix_lengths=torch.tensor([3, 1]))),
+    ("attention_bias", ValueError, "does not take it", dict(attention_bias=torch.zeros(1, 1, 1, 9))),
+    ("softcap", ValueError, "does not take it", dict(softcap=30.0)),
 ]
 
 

@@ -75,6 +75,10 @@ def _check(p: AttentionProblem) -> None:
     if sq > MAX_SEQ_Q:
         raise ValueError(f"q: backend 'cuda' is a decode kernel for Sq <= {MAX_SEQ_Q}, got Sq={sq} "
                          "(use backend 'triton' for prefill)")
+    for name, given in (("prefix_lengths", p.prefix_lengths), ("attention_bias", p.bias), ("softcap", p.softcap)):
+        if given is not None:
+            raise ValueError(f"{name}: backend 'cuda' does not take it, got one; expected None "
+                             "(backends 'triton' and 'torch' do)")
     mask = p.mask
     # A key-padding mask: one value per key, the same for every head and query (size-1 or broadcast dims).
     if mask is not None and any(mask.shape[dim] != 1 and mask.stride(dim) != 0 for dim in (1, 2)):
