@@ -65,6 +65,12 @@ def make_inputs(b, hq, hkv, sq, skv, p, d, prefix_kind, mask_kind, dtype=torch.f
     return [t.requires_grad_() for t in (q, k, v, pk, pv)], mask, index
 
 
+def on_device(tensors, mask, index, device):
+    """The inputs of `make_inputs` moved to `device`, the tensors again leaves that require grad."""
+    moved = [t.detach().to(device).requires_grad_() for t in tensors]
+    return moved, (mask.to(device) if mask is not None else None), (index.to(device) if index is not None else None)
+
+
 def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None, lengths=None,
                           bias=None, softcap=None):
     q, k, v, pk, pv = tensors

@@ -85,37 +85,3 @@ def test_deterministic():
         runs.append((o, *torch.autograd.grad(o.square().sum(), tensors)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("kind, sq, skv", [("bank", 1, 9), ("bank", 33, 33), ("row", 7, 12)])
-def test_prefix_lengths(kind, sq, skv):
-    """Adapters of different lengths in one batch: row b sees only its first prefix_lengths[b] prefix keys."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float64)
-    lengths = torch.tensor([7, 0, 3])
-    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, lengths=lengths)
-
-
-@pytest.mark.parametrize("sq, skv, heads", [(1, 9, 4), (6, 11, 1), (33, 33, 4)])
-def test_attention_bias(sq, skv, heads):
-    """An additive bias on the sequence keys only (T5's relative position bias), with masks and causality."""
-    tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 5, 16, "shared", "padding", dtype=torch.float64)
-    bias = torch.randn(1, heads, sq, skv, dtype=torch.float64, device=tensors[0].device)
-    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, bias=bias)
-
-
-@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 33, 33), ("row", 40, 40)])
-def test_attention_bias_over_prefix_and_sequence(kind, sq, skv):
-    """A bias of width P + Skv covers the prefix keys too (T5's relative positions with the prefix first)."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float64)
-    bias = torch.randn(1, 4, sq, 5 + skv, dtype=torch.float64, device=tensors[0].device)
-    lengths = torch.tensor([5, 2, 0], device=tensors[0].device) if kind != "shared" else None
-    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, bias=bias, lengths=lengths)
-
-
-@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 40, 40)])
-def test_softcap(kind, sq, skv):
-    """Gemma 2's soft cap on the logits of every key, prefix and sequence; gradients through the tanh."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float64)
-    with torch.no_grad():
-        tensors[0].mul_(3.0)  # logits large enough for the cap to bend them
-    assert_matches_oracle(tensors, mask, index, True, backend="torch", atol=1e-10, softcap=2.5)

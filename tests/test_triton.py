@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, oracle_attention
+from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, on_device, oracle_attention
 
 from prefix_kernels import prefix_attention
 
@@ -29,16 +29,11 @@ CASES = [
 ]
 
 
-def _on_device(tensors, mask, index):
-    moved = [t.detach().to(DEVICE).requires_grad_() for t in tensors]
-    return moved, (mask.to(DEVICE) if mask is not None else None), (index.to(DEVICE) if index is not None else None)
-
-
 @pytest.mark.parametrize("hq, hkv, sq, skv, p, d, kind, mask, causal", CASES,
                          ids=["-".join(map(str, c)) for c in CASES])
 def test_matches_float64_oracle(hq, hkv, sq, skv, p, d, kind, mask, causal):
     tensors, mask_t, index = make_inputs(3, hq, hkv, sq, skv, p, d, kind, mask, dtype=torch.float32)
-    assert_matches_oracle(*_on_device(tensors, mask_t, index), causal, backend="triton", atol=2e-5)
+    assert_matches_oracle(*on_device(tensors, mask_t, index, DEVICE), causal, backend="triton", atol=2e-5)
 
 
 def test_frozen_sequence_keys_get_no_gradient_and_the_rest_is_right():
@@ -99,43 +94,9 @@ def test_gpu_realistic_shapes(dtype, b, hq, hkv, sq, skv, p, d):
     assert_within_twice_torch_error([t.cuda() for t in tensors], mask.cuda(), dtype, backend="triton")
 
 
-@pytest.mark.parametrize("kind, sq, skv", [("bank", 1, 9), ("bank", 33, 33), ("row", 7, 12)])
-def test_prefix_lengths(kind, sq, skv):
-    """Adapters of different lengths in one batch: row b sees only its first prefix_lengths[b] prefix keys."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 7, 16, kind, "padding", dtype=torch.float32)
-    lengths = torch.tensor([7, 0, 3])
-    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, lengths=lengths)
-
-
 @pytest.mark.parametrize("sq, mask", [(1, "padding"), (4, "4d"), (16, None)])
 def test_decode_kernel_with_many_splits(sq, mask):
     """Decode shapes (Sq <= 16) take the split-KV kernel; a long cache is cut into several splits."""
     tensors, mask_t, index = make_inputs(1, 4, 1, sq, 70, 5, 16, "bank", mask, dtype=torch.float32)
-    assert_matches_oracle(*_on_device(tensors, mask_t, index), True, backend="triton", atol=2e-5,
+    assert_matches_oracle(*on_device(tensors, mask_t, index, DEVICE), True, backend="triton", atol=2e-5,
                           lengths=torch.tensor([3], device=DEVICE))
-
-
-@pytest.mark.parametrize("sq, skv, heads", [(1, 9, 4), (6, 11, 1), (33, 33, 4)])
-def test_attention_bias(sq, skv, heads):
-    """An additive bias on the sequence keys only (T5's relative position bias), with masks and causality."""
-    tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 5, 16, "shared", "padding", dtype=torch.float32)
-    bias = torch.randn(1, heads, sq, skv, dtype=torch.float32, device=tensors[0].device)
-    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias)
-
-
-@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 33, 33), ("row", 40, 40)])
-def test_attention_bias_over_prefix_and_sequence(kind, sq, skv):
-    """A bias of width P + Skv covers the prefix keys too (T5's relative positions with the prefix first)."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float32)
-    bias = torch.randn(1, 4, sq, 5 + skv, dtype=torch.float32, device=tensors[0].device)
-    lengths = torch.tensor([5, 2, 0], device=tensors[0].device) if kind != "shared" else None
-    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, bias=bias, lengths=lengths)
-
-
-@pytest.mark.parametrize("kind, sq, skv", [("shared", 1, 9), ("bank", 6, 11), ("shared", 40, 40)])
-def test_softcap(kind, sq, skv):
-    """Gemma 2's soft cap on the logits of every key, prefix and sequence; gradients through the tanh."""
-    tensors, mask, index = make_inputs(3, 4, 2, sq, skv, 5, 16, kind, "padding", dtype=torch.float32)
-    with torch.no_grad():
-        tensors[0].mul_(3.0)  # logits large enough for the cap to bend them
-    assert_matches_oracle(tensors, mask, index, True, backend="triton", atol=2e-5, softcap=2.5)

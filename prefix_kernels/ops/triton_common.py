@@ -66,6 +66,19 @@ def add_bias(s, BIAS, b, h, i, n, s_bb, s_bh, s_bm, s_bn, visible):
 
 
 @triton.jit
+def load_rows(PTR, b, h, i, s_b, s_h, s_m, s_d, d, mask):
+    """The [BM, BD] tile of a [B, Hq, Sq, D] tensor (q, dO) at query rows (head h, position i) of batch row b."""
+    return tl.load(PTR + b * s_b + h[:, None] * s_h + i[:, None] * s_m + d[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def empty_softmax(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The running (max, sum, output accumulator) of an online softmax that has seen no key yet."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
+
+
+@triton.jit
 def qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 logits q . k * scale * log2(e) [BM, BN], soft-capped as cap * tanh(s / cap) when HAS_SOFTCAP (`cap`
     is the cap times log2(e), so capping in base 2 equals capping the natural logits)."""

@@ -18,9 +18,11 @@ from .triton_common import (
     LOG2E,
     attend_range,
     causal_end,
+    empty_softmax,
     finish_rows,
     grouped_rows,
     launch_args,
+    load_rows,
     softcap_arg,
 )
 from .validate import AttentionProblem
@@ -55,11 +57,8 @@ def _split_kernel(
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q = load_rows(Q, b, h, i, s_qb, s_qh, s_qm, s_qd, d, row_ok[:, None] & d_ok[None, :])  # [BM, BD]
+    m_i, l_i, acc = empty_softmax(BLOCK_M, BLOCK_D)
     if split == 0:
         pb = tl.load(PIDX + b) if HAS_INDEX else b
         p_len = tl.load(PLEN + b).to(tl.int32) if HAS_LENGTHS else P

@@ -27,9 +27,11 @@ from .triton_common import (
     attend_range,
     autotune_configs,
     causal_end,
+    empty_softmax,
     finish_rows,
     grouped_rows,
     launch_args,
+    load_rows,
     qk_logits,
     sequence_logits,
     softcap_arg,
@@ -57,11 +59,8 @@ def _forward_kernel(
     row_ok, i, h = grouped_rows(tl.program_id(0) * BLOCK_M, hk, G, SQ, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q = load_rows(Q, b, h, i, s_qb, s_qh, s_qm, s_qd, d, row_ok[:, None] & d_ok[None, :])  # [BM, BD]
+    m_i, l_i, acc = empty_softmax(BLOCK_M, BLOCK_D)
 
     # Prefix keys first. A shared prefix has s_pkb = 0: every batch row reads the same bytes.
     pb = tl.load(PIDX + b) if HAS_INDEX else b
@@ -106,17 +105,15 @@ def _key_block_grads(
         for start in range(m_lo, SQ, BLOCK_M):
             i = start + tl.arange(0, BLOCK_M)
             row_ok = i < SQ
-            q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qm + d[None, :] * s_qd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + b * s_dob + h * s_doh + i[:, None] * s_dom + d[None, :] * s_dod,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            hb = tl.zeros([BLOCK_M], tl.int64) + h  # the head of every row
+            q = load_rows(Q, b, hb, i, s_qb, s_qh, s_qm, s_qd, d, row_ok[:, None] & d_ok[None, :])
+            do = load_rows(DO, b, hb, i, s_dob, s_doh, s_dom, s_dod, d, row_ok[:, None] & d_ok[None, :])
             row = (b * (HKV * G) + h) * SQ + i
             lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that saw nothing have p = 0 everywhere
             delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
             capped = qk_logits(q, kt, qk_scale, cap, HAS_SOFTCAP, PRECISION)
             s = capped
-            hb = tl.zeros([BLOCK_M], tl.int64) + h
             if IS_PREFIX:
                 visible = n_ok[None, :] & row_ok[:, None]
                 if HAS_BIAS:
@@ -207,8 +204,8 @@ def _backward_dq_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     rd_ok = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + d[None, :] * s_qd, mask=rd_ok, other=0.0)
-    do = tl.load(DO + b * s_dob + h[:, None] * s_doh + i[:, None] * s_dom + d[None, :] * s_dod, mask=rd_ok, other=0.0)
+    q = load_rows(Q, b, h, i, s_qb, s_qh, s_qm, s_qd, d, rd_ok)
+    do = load_rows(DO, b, h, i, s_dob, s_doh, s_dom, s_dod, d, rd_ok)
     row = (b * (HKV * G) + h) * SQ + i
     lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), 0.0, lse)
