@@ -1,6 +1,8 @@
 """The float64 oracle: attention over the materialised concatenation `[prefix ; sequence]`, written plainly,
 and the helpers that hold a backend to it."""
 
+import itertools
+
 import torch
 
 from prefix_kernels import prefix_attention
@@ -108,3 +110,40 @@ def assert_within_twice_torch_error(tensors, mask, dtype, backend, slack=1e-4):
         ours_err = (a.double() - r).abs().max().item()
         torch_err = (b.double() - r).abs().max().item()
         assert ours_err <= 2 * torch_err + slack, f"{name}: error {ours_err:.2e} > 2 x PyTorch's {torch_err:.2e}"
+
+
+def oracle_packed(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, *, causal=True, prefix_index=None,
+                  prefix_lengths=None, softcap=None):
+    """(o `[total_q, Hq, D]`, lse `[Hq, total_q]`) of packed sequences: each sequence run alone through
+    `oracle_attention` with its own prefix entry."""
+    outs, lses = [], []
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for n in range(len(starts_q) - 1):
+        one = slice(n, n + 1)
+        qs, ks = slice(starts_q[n], starts_q[n + 1]), slice(starts_k[n], starts_k[n + 1])
+        pk, pv, index = prefix_k, prefix_v, None
+        if prefix_index is not None:
+            pk, pv = prefix_k[prefix_index[one]], prefix_v[prefix_index[one]]
+        elif prefix_k.dim() == 4:
+            pk, pv = prefix_k[one], prefix_v[one]
+        o, lse = oracle_attention(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None],
+                                  v[ks].transpose(0, 1)[None], pk, pv, causal=causal, prefix_index=index,
+                                  prefix_lengths=None if prefix_lengths is None else prefix_lengths[one],
+                                  softcap=softcap)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def make_packed(lengths_q, lengths_k, hq, hkv, p, d, prefix_kind, dtype=torch.float64):
+    """Packed inputs: ([q, k, v, prefix_k, prefix_v] requiring grad, cu_seqlens_q, cu_seqlens_k, prefix_index)."""
+    n = len(lengths_q)
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), hq, d, dtype=dtype)
+    k = torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype)
+    shape = {"shared": (hkv, p, d), "row": (n, hkv, p, d), "bank": (3, hkv, p, d)}[prefix_kind]
+    pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    index = torch.arange(n) % 3 if prefix_kind == "bank" else None
+    return [t.requires_grad_() for t in (q, k, v, pk, pv)], cu_q, cu_k, index

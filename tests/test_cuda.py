@@ -1,4 +1,4 @@
-"""Backend "cuda" (csrc/): the sources compile and bad input is refused everywhere; on a GPU, the §3 contract for
+"""Backend "cuda" (csrc/): the sources compile and bad input is refused everywhere; on a GPU, the op's contract for
 decode shapes against the float64 oracle. The backend is forward-only, so FlashAttention's rule is applied to o."""
 
 import shutil
@@ -51,19 +51,19 @@ REFUSED = [
 @pytest.mark.parametrize("argument, error, message, kwargs", REFUSED, ids=[m for _, _, m, _ in REFUSED])
 def test_refuses_what_the_kernel_cannot_take_before_building(argument, error, message, kwargs):
     with pytest.raises(error, match=rf"^{argument}: backend 'cuda' .*{message}"):
-        backend.cuda_prefix_attention(_problem(**kwargs))
+        backend.check(_problem(**kwargs))
 
 
 def test_key_padding_in_4d_form_is_accepted():
     """[B, 1, 1, Skv] and a mask broadcast over heads and queries (stride 0) are key-padding masks."""
     padding = torch.rand(2, 1, 1, 9) > 0.5
     for mask in (padding, padding.expand(2, 4, 3, 9)):
-        backend._check(_problem(sq=3, mask=mask))
+        backend.check(_problem(sq=3, mask=mask))
 
 
 def test_grad_inputs_are_fine_without_autograd():
     with torch.no_grad():
-        backend._check(_problem(grad=True))
+        backend.check(_problem(grad=True))
 
 
 def test_missing_pieces_are_named(monkeypatch):

@@ -89,12 +89,17 @@ def test_failed_call_leaves_inputs_unchanged():
 
 def test_automatic_dispatch():
     from prefix_kernels.ops.dispatch import select_backend
-    from prefix_kernels.ops.reference import torch_prefix_attention
-    from prefix_kernels.ops.triton_prefix_attention import triton_prefix_attention
 
-    assert select_backend(None, torch.device("cpu"), 64) is torch_prefix_attention
-    assert select_backend(None, torch.device("cuda"), 64) is triton_prefix_attention
-    assert select_backend(None, torch.device("cuda"), 12) is torch_prefix_attention  # a head dim triton can't take
+    assert select_backend(None, torch.device("cpu"), 64, torch.float32) == "torch"
+    assert select_backend(None, torch.device("cuda"), 64, torch.bfloat16) == "triton"
+    assert select_backend(None, torch.device("cuda"), 12, torch.float16) == "torch"  # a head dim triton can't take
+    assert select_backend(None, torch.device("cuda"), 64, torch.float64) == "torch"  # triton computes in fp32
+
+
+def test_triton_refuses_float64():
+    a = {name: t.double() for name, t in inputs().items()}
+    with pytest.raises(ValueError, match=r"^q: backend 'triton' computes in float32 at most, got float64"):
+        prefix_attention(a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], backend="triton")
 
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):

@@ -1,4 +1,4 @@
-"""Backend "cuda": the hand-written CUDA C++ decode kernel of `csrc/` (SPEC §6), forward only.
+"""Backend "cuda": the hand-written CUDA C++ decode kernel of `csrc/`, forward only.
 
 Split-KV attention (flash-decoding) for decode shapes, Sq <= 16: the sequence keys are cut into ranges that run
 in parallel blocks, the prefix is one more such range, and a second small kernel merges the partial results by
@@ -16,7 +16,7 @@ import pathlib
 
 import torch
 
-from .validate import AttentionProblem
+from .problem import AttentionProblem
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "prefix_decode_launcher.cpp", "prefix_decode_kernel.cu")
@@ -57,9 +57,12 @@ def _extension():
     )
 
 
-def _check(p: AttentionProblem) -> None:
+def check(p: AttentionProblem) -> None:
     """What this kernel cannot take, on top of `check_inputs`: raised before anything is built or launched."""
     tensors = {"q": p.q, "k": p.k, "v": p.v, "prefix_k": p.prefix_k, "prefix_v": p.prefix_v}
+    if p.packed:
+        raise ValueError("cu_seqlens_q: backend 'cuda' does not take packed sequences, got them; expected None "
+                         "(backends 'triton' and 'torch' do)")
     if torch.is_grad_enabled():
         for name, t in tensors.items():
             if t.requires_grad:
@@ -101,11 +104,17 @@ def _vector_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def cuda_prefix_attention(p: AttentionProblem):
-    """Backend "cuda": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32), forward only, Sq <= 16."""
-    _check(p)
+def forward(p: AttentionProblem):
+    """Backend "cuda": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32), Sq <= 16.
+
+    `check(p)` has passed (the op's entry point runs it)."""
     key_mask = None if p.mask is None else p.mask[:, 0, 0, :]  # [B or 1, Skv]
     q, k, v, prefix_k, prefix_v = (_vector_ready(t) for t in (p.q, p.k, p.v, p.prefix_k, p.prefix_v))
     index = None if p.prefix_index is None else p.prefix_index.contiguous()
     o, lse = _extension().forward(q, k, v, prefix_k, prefix_v, index, key_mask, p.causal, p.scale)
-    return o, lse
+    return o.transpose(1, 2).contiguous(), lse
+
+
+def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """Never reached: `check` refuses inputs that require grad."""
+    raise RuntimeError("backend 'cuda' is inference-only (no backward)")

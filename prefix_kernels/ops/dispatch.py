@@ -1,11 +1,23 @@
-"""The one place that picks the backend of `prefix_attention`: "torch", "triton" or "cuda"."""
+"""The one place that picks the backend of `prefix_attention`: "torch", "triton" or "cuda".
 
+Each backend is a module with two functions over an `AttentionProblem`:
+
+    forward(p) -> (o [B, Sq, Hq, D] contiguous in q's dtype, lse [B, Hq, Sq] float32 contiguous)
+    backward(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
+        -> (dq [B, Sq, Hq, D] contiguous, dk, dv [B, Hkv, Skv, D] contiguous, d prefix_k, d prefix_v in the
+            prefix's own shape, contiguous); None for each gradient not asked for
+
+where `o` and `d_o` are given as `[B, Hq, Sq, D]` views.
+"""
+
+import importlib
 import os
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
+_MODULES = {"torch": "torch_prefix_attention", "triton": "triton_prefix_attention", "cuda": "cuda_prefix_attention"}
 
 
 def _triton_runnable(device: torch.device) -> str | None:
@@ -21,45 +33,42 @@ def _triton_runnable(device: torch.device) -> str | None:
     return f"triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 set before import"
 
 
-def _kernel(name: str):
-    if name == "torch":
-        from .reference import torch_prefix_attention
-
-        return torch_prefix_attention
-    from . import triton_prefix_attention
-
-    return triton_prefix_attention.triton_prefix_attention
-
-
-def _triton_takes(head_dim: int) -> bool:
-    return head_dim % 8 == 0 and 16 <= head_dim <= 256
+def _triton_takes(head_dim: int, dtype: torch.dtype) -> str | None:
+    """None if the Triton kernels take this head dim and dtype, else why not."""
+    if dtype == torch.float64:
+        return "backend 'triton' computes in float32 at most, got float64 (backend 'torch' takes it)"
+    if head_dim % 8 or not 16 <= head_dim <= 256:
+        return f"backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}"
+    return None
 
 
-def select_backend(requested: str | None, device: torch.device, head_dim: int):
-    """Return the backend function for `requested` (None = automatic) on `device`, or raise why it can't run.
+def backend(name: str):
+    """The backend module called `name` (one of BACKENDS)."""
+    return importlib.import_module(f".{_MODULES[name]}", __package__)
 
-    Automatic: triton for CUDA tensors when triton imports and takes the head dim, else torch.
+
+def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    """The name of the backend for `requested` (None = automatic) on `device`, or raise why it can't run.
+
+    Automatic: triton for CUDA tensors when triton imports and takes the head dim and dtype, else torch
+    (float64 always goes to torch: the Triton kernels would compute it at float32 precision).
     """
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     source = "backend" if requested is not None else ENV_VAR
     if name is None:
-        use_triton = device.type == "cuda" and _triton_runnable(device) is None and _triton_takes(head_dim)
-        return _kernel("triton" if use_triton else "torch")
+        triton_ok = _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None
+        return "triton" if device.type == "cuda" and triton_ok else "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
     if name == "triton":
         why = _triton_runnable(device)
         if why:
             raise RuntimeError(f"{source}='triton' cannot run here: {why}")
-        if not _triton_takes(head_dim):
-            raise ValueError(
-                f"q: backend 'triton' takes head dims that are multiples of 8 in [16, 256], got D={head_dim}")
+        why = _triton_takes(head_dim, dtype)
+        if why:
+            raise ValueError(f"q: {why}")
     if name == "cuda":
-        from . import cuda_prefix_attention
-
-        why = cuda_prefix_attention.why_not_runnable(device)
+        why = backend("cuda").why_not_runnable(device)
         if why:
             raise RuntimeError(f"{source}='cuda' cannot run here: {why}")
-        return cuda_prefix_attention.cuda_prefix_attention
-    return _kernel(name)
-
+    return name

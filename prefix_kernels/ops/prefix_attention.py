@@ -1,9 +1,103 @@
-"""`prefix_attention`: attention over a per-layer prefix and the sequence's keys/values, never concatenated."""
+"""`prefix_attention`: attention over a per-layer prefix and the sequence's keys/values, never concatenated.
+
+The computation is the PyTorch custom op `prefix_kernels::attention` (with `prefix_kernels::attention_backward`
+as its registered autograd), so `torch.compile` and CUDA graphs see one opaque op per call, with fake (shape-only)
+implementations for tracing. Inside it the chosen backend runs; nothing in this file reads tensor values.
+"""
 
 import torch
 
-from .dispatch import select_backend
-from .validate import check_inputs
+from . import dispatch
+from .problem import AttentionProblem
+from .validate import check_inputs, check_values
+
+_Tensor = torch.Tensor
+_MaybeTensor = torch.Tensor | None
+
+
+def _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
+             max_seqlen_q, max_seqlen_k, causal, scale, softcap) -> AttentionProblem:
+    return AttentionProblem(q, k, v, prefix_k, prefix_v, causal, scale, prefix_index=prefix_index,
+                            prefix_lengths=prefix_lengths, mask=mask, bias=bias, softcap=softcap,
+                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("prefix_kernels::attention", mutates_args=())
+def _attention(
+    q: _Tensor, k: _Tensor, v: _Tensor, prefix_k: _Tensor, prefix_v: _Tensor, prefix_index: _MaybeTensor,
+    prefix_lengths: _MaybeTensor, mask: _MaybeTensor, bias: _MaybeTensor, cu_seqlens_q: _MaybeTensor,
+    cu_seqlens_k: _MaybeTensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
+    softcap: float | None, backend: str,
+) -> tuple[_Tensor, _Tensor]:
+    """(o `[B, Sq, Hq, D]` contiguous, lse `[B, Hq, Sq]`) of the checked inputs (see `AttentionProblem`)."""
+    p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, causal, scale, softcap)
+    check_values(p)
+    o, lse = dispatch.backend(backend).forward(p)
+    return o, lse.to(_lse_dtype(q))
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend):
+    b, hq, sq, d = q.shape
+    return q.new_empty(b, sq, hq, d), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("prefix_kernels::attention_backward", mutates_args=())
+def _attention_backward(
+    d_o: _Tensor, q: _Tensor, k: _Tensor, v: _Tensor, prefix_k: _Tensor, prefix_v: _Tensor, o: _Tensor,
+    lse: _Tensor, prefix_index: _MaybeTensor, prefix_lengths: _MaybeTensor, mask: _MaybeTensor, bias: _MaybeTensor,
+    cu_seqlens_q: _MaybeTensor, cu_seqlens_k: _MaybeTensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+    scale: float, softcap: float | None, backend: str, need_dq: bool, need_dkv: bool, need_dprefix: bool,
+) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
+    """(dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), all contiguous; an empty tensor for each gradient
+    not asked for. `d_o` and `o` are `[B, Sq, Hq, D]`, as the forward returns o."""
+    p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, causal, scale, softcap)
+    grads = dispatch.backend(backend).backward(p, o.transpose(1, 2), lse, d_o.transpose(1, 2), need_dq, need_dkv,
+                                               need_dprefix)
+    return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(d_o, q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
+                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend,
+                             need_dq, need_dkv, need_dprefix):
+    def maybe(need, t, shape):
+        return t.new_empty(shape) if need else q.new_empty(0)
+
+    b, hq, sq, d = q.shape
+    return (maybe(need_dq, q, (b, sq, hq, d)), maybe(need_dkv, k, k.shape), maybe(need_dkv, v, v.shape),
+            maybe(need_dprefix, prefix_k, prefix_k.shape), maybe(need_dprefix, prefix_v, prefix_v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
+     max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend) = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
+                          cu_seqlens_q, cu_seqlens_k)
+    ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_o, d_lse):
+    q, k, v, prefix_k, prefix_v, o, lse, *rest = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dq, need_dkv, need_dprefix = need[0], need[1] or need[2], need[3] or need[4]
+    dq, dk, dv, dpk, dpv = _attention_backward(d_o, q, k, v, prefix_k, prefix_v, o, lse, *rest, *ctx.options,
+                                               need_dq, need_dkv, need_dprefix)
+    return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            dpk if need[3] else None, dpv if need[4] else None) + (None,) * 12
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def prefix_attention(
@@ -20,6 +114,10 @@ def prefix_attention(
     prefix_lengths: torch.Tensor | None = None,
     attention_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -37,8 +135,9 @@ def prefix_attention(
         causal: bottom-right aligned on the sequence keys only: query i sees sequence key j iff
             `j <= Skv - Sq + i` (FlashAttention's convention with a KV cache). Prefix keys are always seen.
         scale: logit scale, default `D ** -0.5`.
-        attention_mask: sequence keys only. None; a key-padding mask `[B, Skv]` (1/True = real token);
-            or a boolean `[B, 1 or Hq, Sq, Skv]` (True = attend), combined with `causal`.
+        attention_mask: sequence keys only. None; a key-padding mask `[B, Skv]` (1/True = real token), which
+            keeps causal's block skipping; or a boolean `[B, 1 or Hq, Sq, Skv]` (True = attend), combined with
+            `causal`.
         prefix_index: int64 `[B]`, row b reads bank entry `prefix_index[b]`.
         prefix_lengths: int64 `[B]` (with a per-row or bank prefix): row b sees only its first
             `prefix_lengths[b]` prefix keys, the rest being padding — adapters of different lengths in one batch.
@@ -46,9 +145,15 @@ def prefix_attention(
             `[.., P + Skv]` added over `[prefix ; sequence]` (T5's relative position bias with the prefix as the
             first P positions). It receives no gradient.
         softcap: cap the logits as `softcap * tanh(logits / softcap)` before bias and mask (Gemma 2), or None.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed sequences, FlashAttention's varlen
+            convention. q is then `[total_q, Hq, D]` and k, v `[total_k, Hkv, D]`, the N sequences back to back;
+            `cu_seqlens_*` (int32 `[N + 1]`) are their offsets (0 first, the total last), `max_seqlen_*` (ints)
+            the longest. Each sequence sees the whole prefix and, causally (bottom-right within the sequence), only
+            its own keys. `prefix_index`, `prefix_lengths` and a per-row prefix then have one entry per sequence;
+            `attention_mask` and `attention_bias` are not taken.
         return_lse: also return the natural-log log-sum-exp of each query row.
-        backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch;
-            the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
+        backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch; float64 always
+            torch; the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
 
     Mask contract for Sq = 3, Skv = 4, P = 2, causal (■ attends, ⬚ masked)::
 
@@ -60,9 +165,14 @@ def prefix_attention(
     A query row that sees no key at all (P = 0, every sequence key masked) returns zeros and lse = -inf.
 
     Returns:
-        o `[B, Hq, Sq, D]` in q's dtype, and with `return_lse` also lse `[B, Hq, Sq]` float32 (no gradient).
-        Differentiable in q, k, v, prefix_k and prefix_v; a prefix shared by several rows (or a bank entry)
-        receives the sum of their gradients, accumulated in float32.
+        o `[B, Hq, Sq, D]` (packed: `[total_q, Hq, D]`) in q's dtype, and with `return_lse` also lse `[B, Hq, Sq]`
+        (packed: `[Hq, total_q]`) float32, without gradient. Differentiable in q, k, v, prefix_k and prefix_v; a
+        prefix shared by several rows (or a bank entry) receives the sum of their gradients, accumulated in
+        float32.
+
+    Errors in shapes, dtypes and devices are raised before any work, naming the argument. Values are checked
+    inside the op: out-of-range `prefix_index` / `prefix_lengths` or inconsistent `cu_seqlens_*` raise on CPU and
+    fail a device-side assert on CUDA (the host never waits for the GPU).
 
     >>> q = torch.randn(2, 8, 5, 64)
     >>> k = v = torch.randn(2, 2, 5, 64)
@@ -70,11 +180,18 @@ def prefix_attention(
     >>> prefix_attention(q, k, v, pk, pv).shape
     torch.Size([2, 8, 5, 64])
     """
-    problem = check_inputs(
+    p = check_inputs(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
-        prefix_lengths=prefix_lengths, attention_bias=attention_bias, softcap=softcap,
+        prefix_lengths=prefix_lengths, attention_bias=attention_bias, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
-    kernel = select_backend(backend, q.device, q.shape[-1])
-    o, lse = kernel(problem)
-    return (o, lse.detach()) if return_lse else o
+    name = dispatch.select_backend(backend, q.device, q.shape[-1], q.dtype)
+    if name == "cuda":
+        dispatch.backend("cuda").check(p)
+    o, lse = _attention(
+        p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias, p.cu_seqlens_q,
+        p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, name,
+    )
+    o, lse = (o[0], lse[0]) if p.packed else (o.transpose(1, 2), lse)
+    return (o, lse.detach().float()) if return_lse else o

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .validate import AttentionProblem
+from .problem import AttentionProblem
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

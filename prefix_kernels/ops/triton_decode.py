@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .problem import AttentionProblem
 from .triton_common import (
     INTERPRETED,
     LOG2E,
@@ -25,7 +26,6 @@ from .triton_common import (
     load_rows,
     softcap_arg,
 )
-from .validate import AttentionProblem
 
 MAX_DECODE_QUERIES = 16
 MAX_DECODE_ROWS = 128  # one program holds every query row of a KV group; more would not fit in registers

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import triton_decode
+from .problem import AttentionProblem
 from .triton_common import (
     LOG2E,
     add_bias,
@@ -37,7 +38,6 @@ from .triton_common import (
     softcap_arg,
     softcap_slope,
 )
-from .validate import AttentionProblem
 
 
 @triton.autotune(configs=autotune_configs(("BLOCK_M", "BLOCK_N")), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])
@@ -316,25 +316,18 @@ def _backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, n
     return dq, dk, dv, dpk, dpv
 
 
-class _TritonPrefixAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem):
-        o, lse = triton_decode.decode_forward(p) if triton_decode.takes(p) else _forward(p)
-        ctx.problem = p
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, d_o, d_lse):
-        q, k, v, prefix_k, prefix_v, o, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = _backward(ctx.problem, o, lse, d_o, need[0], need[1] or need[2], need[3] or need[4])
-        return dq, dk, dv, dpk, dpv, None
-
-
-def triton_prefix_attention(p: AttentionProblem):
-    """Backend "triton": (o `[B, Hq, Sq, D]` in q's dtype, lse `[B, Hq, Sq]` float32)."""
+def forward(p: AttentionProblem):
+    """Backend "triton": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32)."""
+    if p.packed:
+        raise NotImplementedError("backend 'triton' does not take packed sequences yet")
     if p.q.numel() == 0:
-        return p.q.new_zeros(p.q.shape), p.q.new_full(p.q.shape[:3], float("-inf"), dtype=torch.float32)
-    return _TritonPrefixAttention.apply(p.q, p.k, p.v, p.prefix_k, p.prefix_v, p)
+        b, hq, sq, d = p.q.shape
+        return p.q.new_zeros(b, sq, hq, d), p.q.new_full((b, hq, sq), float("-inf"), dtype=torch.float32)
+    o, lse = triton_decode.decode_forward(p) if triton_decode.takes(p) else _forward(p)
+    return o.transpose(1, 2), lse
 
+
+def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """Backend "triton": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
+    dq, dk, dv, dpk, dpv = _backward(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
+    return (None if dq is None else dq.transpose(1, 2)), dk, dv, dpk, dpv

@@ -1,48 +1,17 @@
 """Input checks for `prefix_attention`, run once at the entry point before any backend sees the tensors.
 
-Every error names the argument, what was given and what was expected. Nothing here copies a tensor: the
-checked inputs come back as views (a key-padding mask becomes a `[B, 1, 1, Skv]` boolean view).
+Every error names the argument, what was given and what was expected. `check_inputs` reads only shapes,
+dtypes and devices, never tensor values, so it costs nothing on a GPU and traces under `torch.compile`.
+The checks that need values (bank indices, prefix lengths, sequence offsets) are in `check_values`, which the
+op runs inside its kernel call: on CPU it raises the same clear errors, on CUDA it queues device-side asserts
+instead of waiting for the device. Nothing here copies a tensor: the inputs come back as views.
 """
-
-from dataclasses import dataclass
 
 import torch
 
+from .problem import AttentionProblem
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class AttentionProblem:
-    """The checked inputs of one `prefix_attention` call, in the layout every backend reads."""
-
-    q: torch.Tensor  # [B, Hq, Sq, D]
-    k: torch.Tensor  # [B, Hkv, Skv, D]
-    v: torch.Tensor  # [B, Hkv, Skv, D]
-    prefix_k: torch.Tensor  # [Hkv, P, D] shared, or [N, Hkv, P, D] per row (N = B) / bank
-    prefix_v: torch.Tensor  # same shape as prefix_k
-    prefix_index: torch.Tensor | None  # [B] int64 into a bank, or None
-    mask: torch.Tensor | None  # bool [B or 1, 1 or Hq, Sq or 1, Skv], True = attend
-    causal: bool
-    scale: float
-    prefix_lengths: torch.Tensor | None = None  # [B] int64: row b sees prefix keys [0, prefix_lengths[b])
-    bias: torch.Tensor | None = None  # float [B|1, Hq|1, Sq|1, Skv or P + Skv] added to logits, no gradient
-    softcap: float | None = None  # logits (before bias and mask) become softcap * tanh(logits / softcap)
-
-    @property
-    def shared_prefix(self) -> bool:
-        return self.prefix_k.dim() == 3
-
-    @property
-    def sequence_bias(self) -> torch.Tensor | None:
-        """The bias of the sequence keys, `[.., Skv]`."""
-        return None if self.bias is None else self.bias[..., self.bias.shape[-1] - self.k.shape[2]:]
-
-    @property
-    def prefix_bias(self) -> torch.Tensor | None:
-        """The bias of the prefix keys, `[.., P]`, when the bias covers them too."""
-        if self.bias is None or self.bias.shape[-1] == self.k.shape[2]:
-            return None
-        return self.bias[..., : self.prefix_k.shape[-2]]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -56,46 +25,36 @@ def _check_tensor(name: str, t, rank: int, layout: str) -> None:
         raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {_shape(t)}")
 
 
-def _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv: int, d: int):
+def _check_row_tensor(name: str, t, rows: int, what: str, device: torch.device) -> None:
+    """An int64 `[R]` tensor with one entry per row (or packed sequence)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int64 tensor [{what}], got {type(t).__name__}")
+    if t.dtype != torch.int64 or t.shape != (rows,):
+        raise ValueError(f"{name}: expected int64 of shape [{rows}] (one per {what}), got {t.dtype} of shape "
+                         f"{_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+
+
+def _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv: int, d: int, rows: int, what: str):
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor [Hkv, P, D] or [N, Hkv, P, D], got {type(t).__name__}")
         if t.dim() not in (3, 4):
             raise ValueError(f"{name}: expected shape [Hkv, P, D] or [N, Hkv, P, D], got {_shape(t)}")
     if prefix_k.shape != prefix_v.shape:
-        raise ValueError(
-            f"prefix_v: expected the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}"
-        )
+        raise ValueError(f"prefix_v: expected the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}")
     if prefix_k.shape[-3] != hkv or prefix_k.shape[-1] != d:
-        raise ValueError(
-            f"prefix_k: expected [..., Hkv={hkv}, P, D={d}] to match k, got {_shape(prefix_k)}"
-        )
-    batch = q.shape[0]
+        raise ValueError(f"prefix_k: expected [..., Hkv={hkv}, P, D={d}] to match k, got {_shape(prefix_k)}")
     if prefix_index is None:
-        if prefix_k.dim() == 4 and prefix_k.shape[0] != batch:
-            raise ValueError(
-                f"prefix_k: a 4-D prefix without prefix_index is one per row, expected first dim B={batch}, "
-                f"got {_shape(prefix_k)} (pass prefix_index to read it as a bank)"
-            )
+        if prefix_k.dim() == 4 and prefix_k.shape[0] != rows:
+            raise ValueError(f"prefix_k: a 4-D prefix without prefix_index is one per {what}, expected first dim "
+                             f"{rows}, got {_shape(prefix_k)} (pass prefix_index to read it as a bank)")
         return
-    if not isinstance(prefix_index, torch.Tensor):
-        raise TypeError(f"prefix_index: expected an int64 tensor [B], got {type(prefix_index).__name__}")
     if prefix_k.dim() != 4:
-        raise ValueError(
-            f"prefix_index: needs a bank prefix_k [N, Hkv, P, D], got prefix_k of shape {_shape(prefix_k)}"
-        )
-    if prefix_index.dtype != torch.int64 or prefix_index.shape != (batch,):
-        raise ValueError(
-            f"prefix_index: expected int64 of shape [{batch}], got {prefix_index.dtype} of shape {_shape(prefix_index)}"
-        )
-    if prefix_index.device != q.device:
-        raise ValueError(f"prefix_index: expected device {q.device}, got {prefix_index.device}")
-    if batch:
-        lo, hi = int(prefix_index.min()), int(prefix_index.max())
-        if lo < 0 or hi >= prefix_k.shape[0]:
-            raise ValueError(
-                f"prefix_index: expected values in [0, {prefix_k.shape[0]}) (the bank size), got min {lo} max {hi}"
-            )
+        raise ValueError(f"prefix_index: needs a bank prefix_k [N, Hkv, P, D], got prefix_k of shape "
+                         f"{_shape(prefix_k)}")
+    _check_row_tensor("prefix_index", prefix_index, rows, what, q.device)
 
 
 def _check_mask(attention_mask, q, skv: int):
@@ -109,49 +68,20 @@ def _check_mask(attention_mask, q, skv: int):
     if attention_mask.dim() == 2:
         if tuple(attention_mask.shape) != (batch, skv):
             raise ValueError(
-                f"attention_mask: a key-padding mask must be [B={batch}, Skv={skv}], got {_shape(attention_mask)}"
-            )
+                f"attention_mask: a key-padding mask must be [B={batch}, Skv={skv}], got {_shape(attention_mask)}")
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask != 0
         return attention_mask[:, None, None, :]
     if attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
-            raise TypeError(
-                f"attention_mask: a 4-D mask must be boolean (True = attend), got {attention_mask.dtype}"
-            )
+            raise TypeError(f"attention_mask: a 4-D mask must be boolean (True = attend), got {attention_mask.dtype}")
         b, h, s, t = attention_mask.shape
         if b not in (1, batch) or h not in (1, hq) or s not in (1, sq) or t != skv:
-            raise ValueError(
-                f"attention_mask: expected [B={batch} or 1, 1 or Hq={hq}, Sq={sq} or 1, Skv={skv}], "
-                f"got {_shape(attention_mask)}"
-            )
+            raise ValueError(f"attention_mask: expected [B={batch} or 1, 1 or Hq={hq}, Sq={sq} or 1, Skv={skv}], "
+                             f"got {_shape(attention_mask)}")
         return attention_mask
-    raise ValueError(
-        f"attention_mask: expected a key-padding mask [B, Skv] or a boolean [B, 1 or Hq, Sq, Skv], "
-        f"got shape {_shape(attention_mask)}"
-    )
-
-
-def _check_prefix_lengths(prefix_lengths, prefix_k, q):
-    if prefix_lengths is None:
-        return None
-    batch, n_prefix = q.shape[0], prefix_k.shape[-2]
-    if not isinstance(prefix_lengths, torch.Tensor):
-        raise TypeError(f"prefix_lengths: expected an int64 tensor [B], got {type(prefix_lengths).__name__}")
-    if prefix_k.dim() != 4:
-        raise ValueError(
-            f"prefix_lengths: needs a per-row or bank prefix_k [N, Hkv, P, D], got prefix_k of shape {_shape(prefix_k)}"
-        )
-    if prefix_lengths.dtype != torch.int64 or prefix_lengths.shape != (batch,):
-        raise ValueError(f"prefix_lengths: expected int64 of shape [{batch}], got {prefix_lengths.dtype} of shape "
-                         f"{_shape(prefix_lengths)}")
-    if prefix_lengths.device != q.device:
-        raise ValueError(f"prefix_lengths: expected device {q.device}, got {prefix_lengths.device}")
-    if batch:
-        lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
-        if lo < 0 or hi > n_prefix:
-            raise ValueError(f"prefix_lengths: expected values in [0, P={n_prefix}], got min {lo} max {hi}")
-    return prefix_lengths
+    raise ValueError(f"attention_mask: expected a key-padding mask [B, Skv] or a boolean [B, 1 or Hq, Sq, Skv], "
+                     f"got shape {_shape(attention_mask)}")
 
 
 def _check_bias(attention_bias, q, skv: int, n_prefix: int):
@@ -172,12 +102,58 @@ def _check_bias(attention_bias, q, skv: int, n_prefix: int):
     return attention_bias.detach()
 
 
+def _positive(name: str, value, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}: expected a positive float{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def _check_packing(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attention_mask,
+                   attention_bias) -> int:
+    """Check the varlen arguments; return N, the number of packed sequences."""
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected an int32 tensor [N + 1], got {type(t).__name__}")
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name}: expected int32 of shape [N + 1], got {t.dtype} of shape {_shape(t)}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {t.device}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k: expected the shape of cu_seqlens_q {_shape(cu_seqlens_q)}, got "
+                         f"{_shape(cu_seqlens_k)}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int (the longest packed sequence), got {value!r}")
+    for name, given in (("attention_mask", attention_mask), ("attention_bias", attention_bias)):
+        if given is not None:
+            raise ValueError(f"{name}: packed sequences (cu_seqlens_q) take no {name}, got one; expected None")
+    _check_tensor("q", q, 3, "[total_q, Hq, D] (packed)")
+    _check_tensor("k", k, 3, "[total_k, Hkv, D] (packed)")
+    _check_tensor("v", v, 3, "[total_k, Hkv, D] (packed)")
+    return cu_seqlens_q.shape[0] - 1
+
+
 def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
-                 prefix_lengths=None, attention_bias=None, softcap=None) -> AttentionProblem:
-    """Validate `prefix_attention`'s arguments; return them as an `AttentionProblem`."""
-    _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
-    _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
-    _check_tensor("v", v, 4, "[B, Hkv, Skv, D]")
+                 prefix_lengths=None, attention_bias=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                 max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
+    """Validate `prefix_attention`'s arguments (shapes, dtypes, devices); return them as an `AttentionProblem`.
+
+    Packed inputs (`cu_seqlens_q` given) `[total, H, D]` become a batch of one row, `[1, H, total, D]` views.
+    """
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed:
+        sequences = _check_packing(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   attention_mask, attention_bias)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    else:
+        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if value is not None:
+                raise ValueError(f"{name}: only packed calls (with cu_seqlens_q, cu_seqlens_k) take it, got {value!r}")
+        _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
+        _check_tensor("k", k, 4, "[B, Hkv, Skv, D]")
+        _check_tensor("v", v, 4, "[B, Hkv, Skv, D]")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q: expected one of float16, bfloat16, float32, float64, got {q.dtype}")
     batch, hq, _, d = q.shape
@@ -188,22 +164,57 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"k: the query heads Hq={hq} must be a multiple of the key/value heads, got Hkv={hkv}")
-    _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv, d)
+    rows, what = (sequences, "packed sequence") if packed else (batch, "batch row")
+    _check_prefix(q, prefix_k, prefix_v, prefix_index, hkv, d, rows, what)
     for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: expected q's device {q.device}, got {t.device}")
     mask = _check_mask(attention_mask, q, k.shape[2])
-    prefix_lengths = _check_prefix_lengths(prefix_lengths, prefix_k, q)
+    if prefix_lengths is not None:
+        if prefix_k.dim() != 4:
+            raise ValueError(f"prefix_lengths: needs a per-row or bank prefix_k [N, Hkv, P, D], got prefix_k of "
+                             f"shape {_shape(prefix_k)}")
+        _check_row_tensor("prefix_lengths", prefix_lengths, rows, what, q.device)
     bias = _check_bias(attention_bias, q, k.shape[2], prefix_k.shape[-2])
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap > 0):
-        raise ValueError(f"softcap: expected a positive float or None, got {softcap!r}")
+    scale = d**-0.5 if scale is None else _positive("scale", scale, allow_none=False)
+    softcap = _positive("softcap", softcap, allow_none=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return AttentionProblem(q, k, v, prefix_k, prefix_v, prefix_index, mask, causal, float(scale), prefix_lengths,
-                            bias, None if softcap is None else float(softcap))
+    return AttentionProblem(
+        q, k, v, prefix_k, prefix_v, causal, scale, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
+        mask=mask, bias=bias, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0,
+    )
+
+
+def _value_error(condition: torch.Tensor, message: str) -> None:
+    """Raise `message` if `condition` (a 0-D bool tensor) is False: on CPU at once; on CUDA as a device-side
+    assert, so the host never waits for the device."""
+    if condition.device.type == "cpu":
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def check_values(p: AttentionProblem) -> None:
+    """The checks that read tensor values: bank indices in range, prefix lengths within P, sequence offsets that
+    start at 0, never decrease, end at the totals and respect the max_seqlen bounds."""
+    what = "packed sequence" if p.packed else "batch row"
+    if p.prefix_index is not None and p.prefix_index.numel():
+        n = p.prefix_k.shape[0]
+        _value_error(((p.prefix_index >= 0) & (p.prefix_index < n)).all(),
+                     f"prefix_index: expected every {what}'s entry in [0, {n}) (the bank size)")
+    if p.prefix_lengths is not None and p.prefix_lengths.numel():
+        n = p.prefix_k.shape[-2]
+        _value_error(((p.prefix_lengths >= 0) & (p.prefix_lengths <= n)).all(),
+                     f"prefix_lengths: expected every {what}'s length in [0, P={n}]")
+    if p.packed:
+        for name, cu, total, longest in (("cu_seqlens_q", p.cu_seqlens_q, p.q.shape[2], p.max_seqlen_q),
+                                         ("cu_seqlens_k", p.cu_seqlens_k, p.k.shape[2], p.max_seqlen_k)):
+            lengths = cu.diff()
+            ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+            _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no "
+                             f"sequence longer than its max_seqlen ({longest})")

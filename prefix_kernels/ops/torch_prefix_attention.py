@@ -1,0 +1,366 @@
+"""Backend "torch": prefix attention in pure PyTorch — the CPU path, and the backend any device can run.
+
+Attention over `[prefix ; sequence]` is two attentions that share one softmax. Each part (the prefix keys, the
+sequence keys) yields an output and its log-sum-exp (LSE); the outputs are merged by their LSE weights. The keys
+and values are never concatenated, and a shared prefix is never copied per row.
+
+On CPU each part is one call of PyTorch's fused flash kernel: causal with a key-padding mask stays the kernel's
+own causal mode (key blocks past the diagonal are skipped), a shared prefix enters as a batch-stride-0 view, and
+a decode step folds the G query heads of a KV head into one row block so each key is read once. Elsewhere, and
+with a soft cap (which the flash kernel lacks), both parts are grouped matmuls. Few, large calls per layer: on a
+machine whose cores are shared with other work, every extra multi-threaded call is one more wait for a
+descheduled thread.
+
+Backward uses the FlashAttention identity: given the *merged* output O and LSE, each part's backward (the flash
+kernel's, or the same formula in matmuls, `dS = P * (dP - rowsum(dO * O))`) yields exactly that part's share of
+dQ and its own dK, dV. Packed sequences run one sequence at a time over views of the packed tensors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .problem import AttentionProblem
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One key set the queries attend to (the prefix, or the sequence), with who may see which key."""
+
+    k: torch.Tensor  # [B, Hkv, N, D]; a shared prefix [Hkv, N, D]; a bank [N_bank, Hkv, N, D] read through index
+    v: torch.Tensor
+    index: torch.Tensor | None  # int64 [B]: bank entry of each row
+    top_left_causal: bool  # the flash kernel's causal mode (exact for the sequence keys when Sq == Skv)
+    visible: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1, N], True = attend
+    bias: torch.Tensor | None  # float [B|1, Hq|1, Sq|1, N], added to the logits
+    empty: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1]: rows that see none of these keys
+
+    @property
+    def shared(self) -> bool:
+        return self.k.dim() == 3
+
+    def rowwise(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """k or v as `[B, Hkv, N, D]`: a shared prefix as a stride-0 view, a bank's entries gathered."""
+        if self.shared:
+            return t.expand(batch, *t.shape)
+        return t if self.index is None else t.index_select(0, self.index)
+
+    def reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        """A per-row gradient `[B, Hkv, N, D]` -> the keys' own shape, summed over the rows that share them."""
+        if self.shared:
+            return grad.sum(0)
+        if self.index is None:
+            return grad
+        return grad.new_zeros(self.k.shape).index_add_(0, self.index, grad)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _band(sq: int, skv: int, device) -> torch.Tensor:
+    """bool `[1, 1, Sq, Skv]`: bottom-right causal, query i sees key j iff j <= Skv - Sq + i."""
+    return torch.arange(skv, device=device) <= torch.arange(sq, device=device)[:, None] + (skv - sq)
+
+
+def _sequence_part(p: AttentionProblem, flash: bool) -> _Part:
+    sq, skv = p.q.shape[2], p.k.shape[2]
+    visible, top_left, empty = p.mask, False, None
+    key_padding = visible is None or (visible.shape[1] == 1 and visible.shape[2] == 1)
+    if p.causal and sq > 1:
+        if flash and sq == skv and key_padding:
+            top_left = True  # top-left and bottom-right causal coincide
+            if visible is not None:  # row i is empty iff no real key at or before i
+                first = visible[:, 0, 0].int().argmax(-1, keepdim=True)  # [B, 1]
+                none = ~visible[:, 0, 0].any(-1, keepdim=True)
+                empty = ((torch.arange(sq, device=p.q.device) < first) | none)[:, None, :]
+        else:
+            band = _band(sq, skv, p.q.device)[None, None]
+            visible = band if visible is None else visible & band
+    if visible is not None and empty is None:
+        empty = ~visible.any(-1)
+    return _Part(p.k, p.v, None, top_left, visible, p.sequence_bias, empty)
+
+
+def _prefix_part(p: AttentionProblem) -> _Part:
+    visible = empty = None
+    if p.prefix_lengths is not None:
+        visible = (torch.arange(p.prefix_k.shape[-2], device=p.q.device) < p.prefix_lengths[:, None])[:, None, None]
+        empty = (p.prefix_lengths == 0)[:, None, None]
+    return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty)
+
+
+def _merge(o_seq, lse_seq, o_pre, lse_pre):
+    """Combine two partial attentions by their LSE; rows that see no key at all get o = 0, lse = -inf."""
+    lse = torch.logaddexp(lse_seq, lse_pre)
+    w_pre = torch.exp(lse_pre - lse).nan_to_num_(0.0)
+    return torch.lerp(o_seq, o_pre, w_pre[..., None]), lse
+
+
+class _Rows:
+    """How the query rows are laid out for the kernels: `[B, Hq, Sq, .]` as given, or grouped `[B, Hkv, G*Sq, .]`
+    (the G query heads of a KV head stacked, so each key is read once for all of them)."""
+
+    def __init__(self, p: AttentionProblem, grouped: bool):
+        self.b, self.hq, self.sq, self.d = p.q.shape
+        self.hkv = p.k.shape[1]
+        self.grouped = grouped
+
+    def __call__(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A `[B|1, Hq|1, Sq|1, *X]` tensor (q, dO, O, or a mask / bias / empty-rows tensor) in the kernels' rows."""
+        if t is None or not self.grouped:
+            return t
+        if t.shape[1] == 1 and t.shape[2] == 1:
+            return t
+        t = t.expand(t.shape[0], self.hq, self.sq, *t.shape[3:])
+        return t.reshape(t.shape[0], self.hkv, (self.hq // self.hkv) * self.sq, *t.shape[3:])
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of `__call__` for a full `[B, Hkv, G*Sq, *X]` tensor."""
+        return t.reshape(self.b, self.hq, self.sq, *t.shape[3:]) if self.grouped else t
+
+
+# ---- CPU flash kernel -------------------------------------------------------------------------------------------
+
+def _additive(part: _Part, rows: _Rows, dtype) -> torch.Tensor | None:
+    """The part's visibility and bias as the flash kernel's additive mask, in the kernels' row layout."""
+    if part.visible is None and part.bias is None:
+        return None
+    mask = None
+    if part.visible is not None:
+        visible = rows(part.visible)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    if part.bias is not None:
+        bias = rows(part.bias).to(dtype)
+        mask = bias if mask is None else mask + bias
+    return mask
+
+
+def _flash_part(q, part: _Part, rows: _Rows, scale: float):
+    """(o, lse) of rows `q` over one part, in the kernels' row layout; empty rows give 0 / -inf."""
+    b = q.shape[0]
+    k, v = part.rowwise(part.k, b), part.rowwise(part.v, b)
+    if k.shape[2] == 0:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
+    o, lse = _cpu_flash(q, k, v, 0.0, part.top_left_causal, attn_mask=_additive(part, rows, q.dtype), scale=scale)
+    lse = lse.to(_acc_dtype(q.dtype))
+    if part.empty is not None:
+        empty = rows(part.empty)
+        lse = lse.masked_fill(empty, float("-inf"))
+        o = o.masked_fill(empty[..., None], 0.0)
+    return o, lse
+
+
+def _flash_part_backward(d_o, q, o, lse_rows, part: _Part, rows: _Rows, scale: float):
+    """(dq share, dk, dv) of one part, given the merged o and LSE (rows that saw nothing: lse 0)."""
+    b = q.shape[0]
+    k, v = part.rowwise(part.k, b), part.rowwise(part.v, b)
+    if k.shape[2] == 0:
+        return torch.zeros_like(q), part.k.new_zeros(part.k.shape), part.v.new_zeros(part.v.shape)
+    dq, dk, dv = _cpu_flash_backward(d_o, q, k, v, o, lse_rows, 0.0, part.top_left_causal,
+                                     attn_mask=_additive(part, rows, q.dtype), scale=scale)
+    return dq, part.reduce(dk), part.reduce(dv)
+
+
+# ---- matmuls (any device, soft cap) -----------------------------------------------------------------------------
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def _fold(t: torch.Tensor | None, part: _Part) -> torch.Tensor | None:
+    """[B, Hkv, M, X] -> [Hkv, B*M, X] for a shared prefix, so one matmul reads it for every row."""
+    if t is None or not part.shared:
+        return t
+    t = t.expand(t.shape[0], -1, -1, -1) if t.dim() == 4 else t
+    b, h, m = t.shape[:3]
+    return t.transpose(0, 1).reshape(h, b * m, *t.shape[3:])
+
+
+def _unfold(t: torch.Tensor, part: _Part, b: int, m: int) -> torch.Tensor:
+    if not part.shared:
+        return t
+    return t.reshape(t.shape[0], b, m, *t.shape[2:]).transpose(0, 1)
+
+
+def _matmul_scores(qg, part: _Part, rows: _Rows, p: AttentionProblem):
+    """(logits after cap, bias and mask `[.., M, N]`, the capped logits before bias and mask) of grouped rows."""
+    b, m = qg.shape[0], qg.shape[2]
+    k = part.rowwise(part.k, b) if not part.shared else part.k
+    capped = _capped(torch.matmul(_fold(qg, part), k.to(qg.dtype).transpose(-1, -2)) * p.scale, p.softcap)
+    s = capped
+    if part.bias is not None:
+        s = s + _fold(rows(part.bias).to(s.dtype).expand(b, rows.hkv, m, -1), part)
+    if part.visible is not None:
+        s = s.masked_fill(~_fold(rows(part.visible).expand(b, rows.hkv, m, -1), part), float("-inf"))
+    return s, capped
+
+
+def _matmul_part(qg, part: _Part, rows: _Rows, p: AttentionProblem):
+    """(o `[B, Hkv, M, D]`, lse `[B, Hkv, M]`) of grouped rows over one part."""
+    b, m = qg.shape[0], qg.shape[2]
+    s, _ = _matmul_scores(qg, part, rows, p)
+    lse = torch.logsumexp(s, dim=-1)
+    v = part.v if part.shared else part.rowwise(part.v, b)
+    o = torch.matmul(torch.exp(s - lse.masked_fill(lse.isinf(), 0.0)[..., None]), v.to(qg.dtype))
+    return _unfold(o, part, b, m), _unfold(lse, part, b, m)
+
+
+def _matmul_part_backward(qg, dog, lse_rows, delta, part: _Part, rows: _Rows, p: AttentionProblem):
+    """(dq share `[B, Hkv, M, D]`, dk, dv in the part's own shape) of grouped rows, given the merged LSE."""
+    b, m = qg.shape[0], qg.shape[2]
+    s, capped = _matmul_scores(qg, part, rows, p)
+    probs = torch.exp(s - _fold(lse_rows, part)[..., None])  # 0 where not visible
+    k = part.k if part.shared else part.rowwise(part.k, b)
+    v = part.v if part.shared else part.rowwise(part.v, b)
+    dog_f = _fold(dog, part)
+    ds = probs * (torch.matmul(dog_f, v.to(qg.dtype).transpose(-1, -2)) - _fold(delta, part)[..., None])
+    if p.softcap is not None:
+        ds = ds * (1.0 - (capped / p.softcap) ** 2)
+    dq = _unfold(torch.matmul(ds, k.to(qg.dtype)) * p.scale, part, b, m)
+    dk = torch.matmul(ds.transpose(-1, -2), _fold(qg, part)) * p.scale
+    dv = torch.matmul(probs.transpose(-1, -2), dog_f)
+    if not part.shared:
+        dk, dv = part.reduce(dk), part.reduce(dv)
+    return dq, dk, dv
+
+
+# ---- one batch (or one packed sequence) ---------------------------------------------------------------------------
+
+def _uses_flash(p: AttentionProblem) -> bool:
+    return p.q.device.type == "cpu" and p.softcap is None
+
+
+def _layout(p: AttentionProblem, flash: bool) -> _Rows:
+    # Matmuls always group; the flash kernel groups decode steps (one query per head), where reading each key
+    # once for the G heads matters and no causal band separates the stacked rows.
+    return _Rows(p, grouped=not flash or (p.q.shape[2] == 1 and p.group > 1))
+
+
+def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()  # the flash kernel assumes unit stride along D
+
+
+def _forward(p: AttentionProblem, o_out: torch.Tensor, lse_out: torch.Tensor) -> None:
+    """Attention of one batch into `o_out` `[B, Hq, Sq, D]` and `lse_out` `[B, Hq, Sq]` (views of the outputs)."""
+    flash = _uses_flash(p)
+    rows = _layout(p, flash)
+    seq, pre = _sequence_part(p, flash), _prefix_part(p)
+    if flash:
+        q = rows(_unit_stride_d(p.q))
+        o_seq, lse_seq = _flash_part(q, _contiguous_d(seq), rows, p.scale)
+        o_pre, lse_pre = _flash_part(q, _contiguous_d(pre), rows, p.scale)
+        o, lse = _merge(o_seq.to(lse_seq.dtype), lse_seq, o_pre.to(lse_pre.dtype), lse_pre)
+    else:
+        qg = rows(p.q).to(_acc_dtype(p.q.dtype))
+        o, lse = _merge(*_matmul_part(qg, seq, rows, p), *_matmul_part(qg, pre, rows, p))
+    o_out.copy_(rows.back(o))
+    lse_out.copy_(rows.back(lse))
+
+
+def _contiguous_d(part: _Part) -> _Part:
+    k, v = _unit_stride_d(part.k), _unit_stride_d(part.v)
+    return part if k is part.k and v is part.v else _Part(k, v, part.index, part.top_left_causal, part.visible,
+                                                          part.bias, part.empty)
+
+
+def _backward(p: AttentionProblem, o, lse, d_o, grads: dict) -> None:
+    """Gradients of one batch, written into the views in `grads` ("dq", "dk", "dv", "dpk", "dpv"; absent when
+    not asked for)."""
+    flash = _uses_flash(p)
+    rows = _layout(p, flash)
+    seq, pre = _sequence_part(p, flash), _prefix_part(p)
+    lse_rows = rows(lse.masked_fill(lse.isinf(), 0.0))  # rows that saw nothing: every probability is 0
+    if flash:
+        q, o_r = rows(_unit_stride_d(p.q)), rows(_unit_stride_d(o))
+        d_o_r, lse_rows = rows(d_o).contiguous(), lse_rows.contiguous()
+        dq_seq, dk, dv = _flash_part_backward(d_o_r, q, o_r, lse_rows, _contiguous_d(seq), rows, p.scale)
+        dq_pre, dpk, dpv = _flash_part_backward(d_o_r, q, o_r, lse_rows, _contiguous_d(pre), rows, p.scale)
+    else:
+        acc = _acc_dtype(p.q.dtype)
+        qg, dog = rows(p.q).to(acc), rows(d_o).to(acc)
+        delta = (dog * rows(o).to(acc)).sum(-1)
+        dq_seq, dk, dv = _matmul_part_backward(qg, dog, lse_rows, delta, seq, rows, p)
+        dq_pre, dpk, dpv = _matmul_part_backward(qg, dog, lse_rows, delta, pre, rows, p)
+    for name, value in (("dq", lambda: rows.back(dq_seq.to(lse.dtype) + dq_pre.to(lse.dtype))),
+                        ("dk", lambda: dk), ("dv", lambda: dv), ("dpk", lambda: dpk), ("dpv", lambda: dpv)):
+        if name in grads:
+            grads[name].add_(value())
+
+
+# ---- the backend ------------------------------------------------------------------------------------------------
+
+def _sequences(p: AttentionProblem):
+    """(sub-problem, query slice, key slice, row) for each packed sequence, as views of the packed tensors."""
+    starts_q, starts_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+    for row, (q0, q1, k0, k1) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
+        if q0 == q1:
+            continue  # no queries: nothing to compute, and its keys get no gradient
+        one = slice(row, row + 1)
+        prefix_k, prefix_v, index = p.prefix_k, p.prefix_v, p.prefix_index
+        if index is not None:
+            index = index[one]
+        elif not p.shared_prefix:
+            prefix_k, prefix_v = prefix_k[one], prefix_v[one]
+        sub = AttentionProblem(
+            p.q[:, :, q0:q1], p.k[:, :, k0:k1], p.v[:, :, k0:k1], prefix_k, prefix_v, p.causal, p.scale,
+            prefix_index=index, softcap=p.softcap,
+            prefix_lengths=None if p.prefix_lengths is None else p.prefix_lengths[one])
+        yield sub, slice(q0, q1), slice(k0, k1), row
+
+
+def forward(p: AttentionProblem):
+    """Backend "torch": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32, or float64 for
+    float64 inputs)."""
+    b, hq, sq, d = p.q.shape
+    o = p.q.new_empty(b, sq, hq, d)
+    lse = p.q.new_empty(b, hq, sq, dtype=_acc_dtype(p.q.dtype))
+    if p.q.numel() == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    if p.packed:
+        for sub, qs, _, _ in _sequences(p):
+            _forward(sub, o[:, qs].transpose(1, 2), lse[:, :, qs])
+    else:
+        _forward(p, o.transpose(1, 2), lse)
+    return o, lse
+
+
+def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
+    acc = _acc_dtype(p.q.dtype)
+    b, hq, sq, d = p.q.shape
+    grads = {}
+    if need_dq:
+        grads["dq"] = torch.zeros(b, sq, hq, d, dtype=acc, device=p.q.device).transpose(1, 2)
+    if need_dkv:
+        grads["dk"], grads["dv"] = (torch.zeros(p.k.shape, dtype=acc, device=p.q.device) for _ in range(2))
+    if need_dprefix:
+        grads["dpk"], grads["dpv"] = (torch.zeros(p.prefix_k.shape, dtype=acc, device=p.q.device) for _ in range(2))
+    if p.q.numel():
+        lse = lse.to(acc)
+        if p.packed:
+            for sub, qs, ks, row in _sequences(p):
+                _backward(sub, o[:, :, qs], lse[:, :, qs], d_o[:, :, qs], _sequence_views(grads, p, qs, ks, row))
+        else:
+            _backward(p, o, lse, d_o, grads)
+    dq = grads["dq"].transpose(1, 2).to(p.q.dtype) if need_dq else None
+    dk, dv = (grads[n].to(p.k.dtype) if need_dkv else None for n in ("dk", "dv"))
+    dpk, dpv = (grads[n].to(p.prefix_k.dtype) if need_dprefix else None for n in ("dpk", "dpv"))
+    return dq, dk, dv, dpk, dpv
+
+
+def _sequence_views(grads: dict, p: AttentionProblem, qs: slice, ks: slice, row: int) -> dict:
+    """The slices of the packed gradient buffers that one packed sequence writes (its prefix gradient: the shared
+    prefix's whole buffer, its own entry, or the whole bank, which its index selects)."""
+    views = {}
+    if "dq" in grads:
+        views["dq"] = grads["dq"][:, :, qs]
+    if "dk" in grads:
+        views["dk"], views["dv"] = grads["dk"][:, :, ks], grads["dv"][:, :, ks]
+    if "dpk" in grads:
+        own = p.prefix_index is not None or p.shared_prefix
+        views["dpk"], views["dpv"] = (grads[n] if own else grads[n][row:row + 1] for n in ("dpk", "dpv"))
+    return views
