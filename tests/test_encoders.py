@@ -137,6 +137,16 @@ def test_peft_saved_head_loads(tmp_path):
 def test_model_without_the_attention_interface_is_refused():
     torch.manual_seed(0)
     bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="^model: bloom does not route its attention through"):
+    with pytest.raises(ValueError, match="^model: bloom is not supported: its attention does not go through"):
         get_prefix_model(bloom, PrefixTuningConfig(num_virtual_tokens=2))
     assert bloom.config._attn_implementation != "prefix_kernels"
+
+
+def test_an_adapter_loaded_into_an_unsupported_model_says_so(tmp_path):
+    """The model is checked before the adapter: a Llama adapter in BLOOM is refused for BLOOM, not its sizes."""
+    from tiny_models import tiny_decoder
+
+    get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="^model: bloom is not supported"):
+        PrefixModel.from_pretrained(bloom, tmp_path)

@@ -1,0 +1,104 @@
+"""The op is one registered custom op, and nothing on the per-layer path reads device data on the host:
+`torch.compile(fullgraph=True)` equals eager for the op with a bank, a padded training step and a StaticCache
+decode step of a mixed-adapter batch; padding keeps the kernel's causal mode."""
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_decoder
+from transformers import StaticCache
+
+from prefix_kernels import PrefixTuningConfig, get_prefix_model, prefix_attention
+from prefix_kernels.integrations import attention_interface
+from prefix_kernels.ops.prefix_attention import _attention
+
+
+def bank_inputs():
+    b, hq, hkv, s, d, p, n = 3, 4, 2, 7, 16, 5, 4
+    tensors = [torch.randn(shape, requires_grad=True) for shape in
+               ((b, hq, s, d), (b, hkv, s, d), (b, hkv, s, d), (n, hkv, p, d), (n, hkv, p, d))]
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, :2] = False
+    return tensors, torch.tensor([2, 0, 3]), torch.tensor([5, 3, 4]), mask
+
+
+def test_opcheck():
+    (q, k, v, pk, pv), index, lengths, mask = bank_inputs()
+    for causal, padding in ((True, mask[:, None, None, :]), (False, None)):
+        args = (q, k, v, pk, pv, index, lengths, padding, None, None, None, 0, 0, causal, 0.25, None, "torch")
+        torch.library.opcheck(_attention, args)
+
+
+def test_fullgraph_op_with_a_bank():
+    tensors, index, lengths, mask = bank_inputs()
+
+    def attend(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, prefix_index=index, prefix_lengths=lengths, attention_mask=mask)
+
+    eager = attend(*tensors)
+    compiled = torch.compile(attend, fullgraph=True)(*tensors)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), tensors), torch.autograd.grad(eager.sum(), tensors)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_fullgraph_padded_training_step():
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model.train()
+    ids = torch.randint(3, VOCAB, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(call):
+        out = call(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grad = model.prefix_encoders["default"].embedding.weight.grad.clone()
+        model.zero_grad()
+        return out.logits.detach(), grad
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-7)
+
+
+def test_fullgraph_static_cache_decode_of_a_mixed_batch():
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model._add_adapter("short", PrefixTuningConfig(num_virtual_tokens=3).resolve(model.config))
+    names = ["default", "short", "short"]
+    ids = torch.randint(3, VOCAB, (3, 6))
+
+    def decode(step):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=ids, cache=cache, cache_position=torch.arange(6), adapter_names=names)
+            for t in range(6, 10):
+                token = out.logits[:, -1:].argmax(-1)
+                out = step(input_ids=token, cache=cache, cache_position=torch.tensor([t]), adapter_names=names)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    torch.testing.assert_close(decode(torch.compile(model, fullgraph=True)), decode(model), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padding_keeps_the_kernels_causal_mode(monkeypatch, padding):
+    """A padded causal batch reaches the op as causal plus a key-padding mask, never a dense 4-D mask."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["causal"], None if kwargs["attention_mask"] is None else kwargs["attention_mask"].dim()))
+        return prefix_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_interface, "prefix_attention", spy)
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0 if padding == "left" else 1
+    mask[1, 5:] = 0 if padding == "right" else 1
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert seen and all(s == (True, 2) for s in seen)

@@ -1,0 +1,66 @@
+"""What a user meets when something is wrong: every refusal names the argument and says what to do."""
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import VOCAB, tiny_decoder
+
+from prefix_kernels import PrefixModel, PrefixTuningConfig, get_prefix_model
+
+
+def test_a_model_name_instead_of_a_model():
+    with pytest.raises(TypeError, match=r"^model: expected a loaded transformers model \(for example "
+                                        r"AutoModelForCausalLM.from_pretrained\('meta-llama/x'\)\)"):
+        PrefixModel.from_pretrained("meta-llama/x", "adapter/")
+
+
+def test_a_prompt_longer_than_the_positions_left_after_the_prefix():
+    model = get_prefix_model(tiny_decoder("gpt2"), PrefixTuningConfig(num_virtual_tokens=8))  # n_positions=128
+    fits = torch.randint(3, VOCAB, (1, 120))
+    model(input_ids=fits)
+    with pytest.raises(ValueError, match=r"^input_ids: 121 tokens after 0 cached ones need positions up to 129, but "
+                                         r"gpt2 numbers only 128 and the prefix takes the first 8; give at most 120"):
+        model(input_ids=torch.randint(3, VOCAB, (1, 121)))
+    with pytest.raises(ValueError, match="^input_ids: 125 tokens"):
+        model.generate(input_ids=torch.randint(3, VOCAB, (1, 125)), max_new_tokens=2)
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    return T.BertForSequenceClassification(T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=32, num_labels=3))
+
+
+@pytest.mark.parametrize("task_type, message", [
+    (None, r"^task_type: None would leave BertForSequenceClassification's task head frozen \(untrained\); expected "
+           r"'SEQ_CLS'"),
+    ("CAUSAL_LM", r"^task_type: 'CAUSAL_LM' does not fit BertForSequenceClassification, a SEQ_CLS model; expected "
+                  r"'SEQ_CLS'"),
+])
+def test_a_task_type_that_leaves_a_head_untrained_is_refused(task_type, message):
+    model = bert_classifier()
+    with pytest.raises(ValueError, match=message):
+        get_prefix_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=2))
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+
+
+def test_seq2seq_on_a_decoder_is_refused():
+    with pytest.raises(ValueError, match=r"^task_type: 'SEQ_2_SEQ_LM' does not fit LlamaForCausalLM, a CAUSAL_LM "
+                                         r"model; expected 'CAUSAL_LM'"):
+        get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+
+
+def test_a_saved_adapter_loads_into_peft_without_a_warning(tmp_path, recwarn):
+    import peft
+
+    get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                               num_virtual_tokens=3)).save_pretrained(tmp_path)
+    peft.PeftModel.from_pretrained(tiny_decoder("llama"), tmp_path)
+    assert not [w for w in recwarn if "encoder_decoder_placement" in str(w.message)]
+
+
+def test_gradient_checkpointing_raises_no_deprecation_warning(recwarn):
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(num_virtual_tokens=3))
+    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]

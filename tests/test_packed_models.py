@@ -1,0 +1,102 @@
+"""Packed batches through the drop-in: several sequences in one row (as `DataCollatorWithFlattening` builds them)
+give each sequence the logits, loss and prefix gradients it gets in an ordinary padded batch."""
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_decoder
+from transformers import DataCollatorWithFlattening
+
+from prefix_kernels import PrefixTuningConfig, get_prefix_model
+
+LENGTHS = [5, 7, 1, 3]
+
+
+@pytest.fixture
+def model():
+    wrapped = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    wrapped._add_adapter("other", PrefixTuningConfig(num_virtual_tokens=6).resolve(wrapped.config))
+    wrapped.prefix_encoders["other"].embedding.weight.data.normal_()
+    return wrapped
+
+
+def examples(lengths=LENGTHS):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def padded(sequences):
+    """(input_ids, attention_mask, labels) right-padded to the longest sequence."""
+    longest = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def packed(sequences, flash_kwargs=False):
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs, return_position_ids=True)
+    return collate([{"input_ids": seq} for seq in sequences])
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.prefix_encoders.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_equals_padded(model, flash_kwargs):
+    sequences = examples()
+    model.train()
+    ids, mask, labels = padded(sequences)
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels)
+    reference.loss.backward()
+    reference_grads = grads(model)
+    model.zero_grad()
+    batch = packed(sequences, flash_kwargs)
+    assert batch["input_ids"].shape == (1, sum(LENGTHS))
+    out = model(**batch)
+    out.loss.backward()
+    start = 0
+    for row, seq in enumerate(sequences):
+        torch.testing.assert_close(out.logits[0, start:start + len(seq)], reference.logits[row, :len(seq)],
+                                   atol=1e-5, rtol=1e-5)
+        start += len(seq)
+    torch.testing.assert_close(out.loss, reference.loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_packed_sequences_with_their_own_adapters(model):
+    """One adapter name per packed sequence; adapters of different lengths restart positions at their own P."""
+    sequences = examples()
+    names = ["other", "default", "other", "default"]
+    ids, mask, _ = padded(sequences)
+    batch = packed(sequences)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], adapter_names=names).logits
+        one_name = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         adapter_names=["other"]).logits
+        all_other = model(input_ids=ids, attention_mask=mask, adapter_names=["other"] * len(sequences)).logits
+    start = 0
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        torch.testing.assert_close(out[0, start:start + n], reference[row, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one_name[0, start:start + n], all_other[row, :n], atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_an_unpacked_row_with_position_ids_is_not_packing(model):
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        given = model(input_ids=ids, position_ids=torch.arange(6)[None]).logits
+        default = model(input_ids=ids).logits
+    torch.testing.assert_close(given, default)
+
+
+def test_packed_names_must_match_rows_or_sequences(model):
+    batch = packed(examples())
+    with pytest.raises(ValueError, match=r"^adapter_names: expected one name per batch row or per packed sequence "
+                                         r"\(4\), got 2 names"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], adapter_names=["other", "default"])
