@@ -24,7 +24,7 @@ from .adapters import adapter_dir, check_adapter_name, read_adapter, write_adapt
 from .config import TASK_HEADS, PrefixTuningConfig
 from .encoder import PrefixEncoder
 from .integrations.attention_interface import ATTENTION_NAME, EAGER_NAME, register
-from .plan import PrefixPlan, bank_plan, single_plan
+from .plan import Packing, Positions, PrefixPlan, bank_plan, find_packing, single_plan
 
 # `disable_adapter()`: the wrappers disabled in this thread / context, and how many blocks are open anywhere. The
 # count is what a compiled forward checks (a plain int, which torch.compile guards on); only while some block is
@@ -155,9 +155,8 @@ class PrefixModel(nn.Module):
         self._signature = inspect.signature(model.forward)
         self._takes_position_ids = "position_ids" in self._signature.parameters
         self._t5_bias = quirks.T5PrefixBias.of(model, config)
-        self._padding_positions = quirks.PaddingIdxPositions.of(model)
         self._decoder_positions = quirks.LearnedDecoderPositions.of(model)
-        self._position_limit = None if model.config.is_encoder_decoder else quirks.learned_position_limit(model)
+        self._positions = Positions(model)
         model.requires_grad_(False)
         self.heads = [name for name, _ in model.named_modules()
                       if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
@@ -194,14 +193,14 @@ class PrefixModel(nn.Module):
             kwargs = _keywords(self._signature, args, kwargs)
         if self._adapter_disabled():
             return self.base_model(**kwargs)
-        packing = self._packing(kwargs)
+        packing = None if self.base_model.config.is_encoder_decoder else find_packing(kwargs)
         rows = _batch_rows(kwargs)
         names = self._names(adapter_names)
         if packing is not None and names is not None and len(names) == rows:
-            names = [name for name in names for _ in range(packing[0].shape[0] - 1)]  # the row's sequences
+            names = [name for name in names for _ in range(packing.sequences)]  # the row's sequences
             rows = len(names)
         elif packing is not None:
-            rows = packing[0].shape[0] - 1
+            rows = packing.sequences
         plan = self._plan(names, rows, "one name per batch row" if packing is None else
                           "one name per batch row or per packed sequence")
         return self._call(self.base_model, plan, kwargs, packing)
@@ -219,7 +218,7 @@ class PrefixModel(nn.Module):
         with torch.no_grad():
             plan = self._plan(self._names(adapter_names), inputs.shape[0], "one name per input row")
             if inputs.dim() >= 2:
-                self._check_position_limit(inputs.shape[1], 0, max(plan.row_lengths))
+                self._positions.check_length(inputs.shape[1], 0, max(plan.row_lengths))
             if self._layout.slots is not None and self.peft_config[self.active_adapter].encoder_decoder_placement \
                     == "full" and kwargs.get("encoder_outputs") is None:
                 # generate() calls the encoder on its own: run it here, with the prefix, and hand over its outputs
@@ -236,21 +235,19 @@ class PrefixModel(nn.Module):
         """One forward of `generate` (hooks already run by the view): the call's plan, for this step's rows."""
         return self._call(self.base_model.forward, plan, kwargs, None)
 
-    def _call(self, call, plan: PrefixPlan, kwargs: dict, packing):
+    def _call(self, call, plan: PrefixPlan, kwargs: dict, packing: Packing | None):
         """Run `call` (the base model, its forward, or its encoder) with `plan` for this forward's rows: positions
         shifted by P, packed sequences marked, the plan in `prefix_plan`."""
         kwargs = dict(kwargs)
         if packing is None:
             plan = plan.for_rows(_batch_rows(kwargs))
         else:
-            cu_seqlens, longest, _ = packing
-            plan = dataclasses.replace(plan, cu_seqlens=cu_seqlens, max_seqlen=longest)
+            plan = dataclasses.replace(plan, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.longest)
             # A full-ones mask keeps transformers from building a dense mask over all the packed tokens.
             tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             kwargs["attention_mask"] = torch.ones(1, tokens.shape[1], dtype=torch.bool, device=tokens.device)
         if self._takes_position_ids:
-            kwargs["position_ids"] = self._positions(kwargs, self._offsets(plan, packing), packing,
-                                                     max(plan.row_lengths))
+            kwargs["position_ids"] = self._positions(kwargs, plan, packing)
         if self._t5_bias is not None:
             plan = dataclasses.replace(plan, prefix_position_bias=self._t5_bias.for_rows(plan.row_lengths))
         kwargs["prefix_plan"] = plan
@@ -288,72 +285,6 @@ class PrefixModel(nn.Module):
         tables = {name: self.prefix_encoders[name]().to(dtype) for name in dict.fromkeys(names)}
         device = next(iter(tables.values())).device
         return bank_plan(tables, names, self._layout, device)
-
-    def _packing(self, kwargs) -> tuple[torch.Tensor, int, list[int]] | None:
-        """(cu_seqlens int32 [N + 1], longest, the N lengths) when one row packs several sequences, else None.
-
-        As transformers' flash path: from `cu_seq_lens_q` when the data collator gives it, else from
-        `position_ids` that restart at 0 in a batch of one row with no attention mask and no cache. This reads
-        the sequence offsets once per call (not per layer)."""
-        if getattr(self.base_model.config, "is_encoder_decoder", False):
-            return None
-        if kwargs.get("cu_seq_lens_q") is not None:
-            cu_seqlens = kwargs["cu_seq_lens_q"].to(torch.int32)
-            if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"].to(cu_seqlens),
-                                                                          cu_seqlens):
-                raise ValueError("cu_seq_lens_k: expected the same offsets as cu_seq_lens_q (self-attention)")
-        else:
-            positions = kwargs.get("position_ids")
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if positions is None or kwargs.get("attention_mask") is not None or cache is not None \
-                    or _batch_rows(kwargs) != 1:
-                return None
-            positions = positions.reshape(-1)
-            starts = (positions == 0).nonzero().reshape(-1).tolist()
-            if starts[:1] != [0]:
-                starts = [0, *starts]
-            if len(starts) == 1:
-                return None
-            cu_seqlens = torch.tensor([*starts, positions.shape[0]], dtype=torch.int32, device=positions.device)
-        lengths = cu_seqlens.diff().tolist()
-        return cu_seqlens, max(lengths, default=0), lengths
-
-    @staticmethod
-    def _offsets(plan: PrefixPlan, packing) -> int | torch.Tensor:
-        """Where real tokens start: P, `[B, 1]` per row, or `[1, T]` per packed token."""
-        if plan.uniform:
-            return plan.row_lengths[0]
-        if packing is None:
-            return plan.lengths[:, None]
-        return plan.lengths.repeat_interleave(torch.tensor(packing[2], device=plan.lengths.device))[None]
-
-    def _positions(self, kwargs, offsets, packing, prefix: int) -> torch.Tensor:
-        """Positions of the real tokens, shifted by the prefix length: the given `position_ids`, else the model's
-        own numbering as if P tokens came before the cache (restarting for each packed sequence)."""
-        if kwargs.get("position_ids") is not None:
-            return kwargs["position_ids"] + offsets
-        tokens = kwargs.get("input_ids")
-        tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
-        if packing is not None:
-            cu_seqlens, _, lengths = packing
-            starts = cu_seqlens[:-1].repeat_interleave(torch.tensor(lengths, device=cu_seqlens.device))
-            return (torch.arange(tokens.shape[1], device=tokens.device) - starts)[None] + offsets
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if kwargs.get("cache_position") is not None:
-            return kwargs["cache_position"][None] + offsets
-        past = cache.get_seq_length() if cache is not None else 0
-        self._check_position_limit(tokens.shape[1], past, prefix)
-        if self._padding_positions is not None and kwargs.get("input_ids") is not None:
-            return self._padding_positions(kwargs["input_ids"], past + offsets)
-        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
-
-    def _check_position_limit(self, length: int, past: int, prefix: int) -> None:
-        """Models with a table of learned positions: the prefix takes the first P of them (host ints only)."""
-        if self._position_limit is not None and past + length + prefix > self._position_limit:
-            raise ValueError(f"input_ids: {length} tokens after {past} cached ones need positions up to "
-                             f"{past + length + prefix}, but {self.base_model.config.model_type} numbers only "
-                             f"{self._position_limit} and the prefix takes the first {prefix}; give at most "
-                             f"{self._position_limit - prefix - past} tokens")
 
     # ---- adapters -----------------------------------------------------------------------------------------------
 

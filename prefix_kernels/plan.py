@@ -16,25 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-
-@dataclass(frozen=True)
-class PrefixLayout:
-    """Which layer of the prefix table each attention module reads; fixed when the model is wrapped.
-
-    `slots` maps attention modules to table layers; None means every attention reads its own `layer_idx`.
-    """
-
-    slots: dict[nn.Module, int] | None = None
-
-    def slot(self, module: nn.Module) -> int | None:
-        """The table layer `module` reads, or None if it has no prefix (an encoder-decoder's other attentions)."""
-        if self.slots is not None:
-            return self.slots.get(module)
-        layer = getattr(module, "layer_idx", None)
-        if layer is None:
-            raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
-        return layer
+from . import quirks
+from .quirks import PrefixLayout
 
 
 @dataclass(frozen=True)
@@ -97,3 +82,92 @@ def bank_plan(tables: dict[str, torch.Tensor], names: Sequence[str], layout: Pre
         lengths = torch.tensor(row_lengths, device=device)
     return PrefixPlan(kv=bank, layout=layout, row_lengths=row_lengths if lengths is not None else row_lengths[:1],
                       index=index, lengths=lengths)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """One row holding several sequences back to back: their offsets (int32 `[N + 1]`), the longest, and their
+    lengths as Python ints."""
+
+    cu_seqlens: torch.Tensor
+    longest: int
+    lengths: list[int]
+
+    @property
+    def sequences(self) -> int:
+        return len(self.lengths)
+
+
+def find_packing(kwargs: dict) -> Packing | None:
+    """The packing of a decoder's forward inputs, as transformers' flash path finds it: from `cu_seq_lens_q` when
+    the data collator gives it, else from `position_ids` that restart at 0 in a batch of one row with no attention
+    mask and no cache; None for an ordinary batch. Reads the sequence offsets once per call, never per layer."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_seqlens = kwargs["cu_seq_lens_q"].to(torch.int32)
+        if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"].to(cu_seqlens),
+                                                                      cu_seqlens):
+            raise ValueError("cu_seq_lens_k: expected the same offsets as cu_seq_lens_q (self-attention)")
+    else:
+        positions = kwargs.get("position_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if positions is None or kwargs.get("attention_mask") is not None or cache is not None \
+                or tokens is None or tokens.shape[0] != 1:
+            return None
+        positions = positions.reshape(-1)
+        starts = (positions == 0).nonzero().reshape(-1).tolist()
+        if starts[:1] != [0]:
+            starts = [0, *starts]
+        if len(starts) == 1:
+            return None
+        cu_seqlens = torch.tensor([*starts, positions.shape[0]], dtype=torch.int32, device=positions.device)
+    lengths = cu_seqlens.diff().tolist()
+    return Packing(cu_seqlens, max(lengths, default=0), lengths)
+
+
+class Positions:
+    """How a wrapped model numbers its tokens with P prefix positions in front (fixed when the model is
+    wrapped): real tokens start at P, as in PEFT, per row with adapters of different lengths, restarting for each
+    packed sequence."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model_type = model.config.model_type
+        self.padding_numbering = quirks.PaddingIdxPositions.of(model)
+        self.limit = None if model.config.is_encoder_decoder else quirks.learned_position_limit(model)
+
+    @staticmethod
+    def offsets(plan: PrefixPlan, packing: Packing | None) -> int | torch.Tensor:
+        """Where real tokens start: P, `[B, 1]` per row, or `[1, T]` per packed token."""
+        if plan.uniform:
+            return plan.row_lengths[0]
+        if packing is None:
+            return plan.lengths[:, None]
+        return plan.lengths.repeat_interleave(torch.tensor(packing.lengths, device=plan.lengths.device))[None]
+
+    def __call__(self, kwargs: dict, plan: PrefixPlan, packing: Packing | None) -> torch.Tensor:
+        """The `position_ids` of this forward: the given ones shifted by P, else the model's own numbering as if P
+        tokens came before the cache."""
+        offsets = self.offsets(plan, packing)
+        if kwargs.get("position_ids") is not None:
+            return kwargs["position_ids"] + offsets
+        tokens = kwargs.get("input_ids")
+        tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
+        if packing is not None:
+            starts = packing.cu_seqlens[:-1].repeat_interleave(
+                torch.tensor(packing.lengths, device=packing.cu_seqlens.device))
+            return (torch.arange(tokens.shape[1], device=tokens.device) - starts)[None] + offsets
+        if kwargs.get("cache_position") is not None:
+            return kwargs["cache_position"][None] + offsets
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        self.check_length(tokens.shape[1], past, max(plan.row_lengths))
+        if self.padding_numbering is not None and kwargs.get("input_ids") is not None:
+            return self.padding_numbering(kwargs["input_ids"], past + offsets)
+        return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
+
+    def check_length(self, length: int, past: int, prefix: int) -> None:
+        """Models with a table of learned positions: the prefix takes the first P of them (host ints only)."""
+        if self.limit is not None and past + length + prefix > self.limit:
+            raise ValueError(f"input_ids: {length} tokens after {past} cached ones need positions up to "
+                             f"{past + length + prefix}, but {self.model_type} numbers only {self.limit} and the "
+                             f"prefix takes the first {prefix}; give at most {self.limit - prefix - past} tokens")

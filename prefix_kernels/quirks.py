@@ -27,13 +27,32 @@ per-layer head dims        Gemma 4                     narrower layers read a sl
 import contextlib
 import contextvars
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .config import PrefixTuningConfig
-from .plan import PrefixLayout
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Which layer of the prefix table each attention module reads; fixed when the model is wrapped.
+
+    `slots` maps attention modules to table layers; None means every attention reads its own `layer_idx`.
+    """
+
+    slots: dict[nn.Module, int] | None = None
+
+    def slot(self, module: nn.Module) -> int | None:
+        """The table layer `module` reads, or None if it has no prefix (an encoder-decoder's other attentions)."""
+        if self.slots is not None:
+            return self.slots.get(module)
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
+        return layer
 
 
 def layout(model: PreTrainedModel, config: PrefixTuningConfig) -> PrefixLayout:
