@@ -339,13 +339,45 @@ class PrefixModel(nn.Module):
             model.requires_grad_(False)
         return wrapped
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (`prompt_embeddings`) per adapter,
-        the "default" adapter at the top of `directory` and each other one in a sub-directory of its name."""
-        heads = {f"{head}.{name}": param for head in self.heads
-                 for name, param in self.base_model.get_submodule(head).named_parameters()}
-        for name, encoder in self.prefix_encoders.items():
-            write_adapter(adapter_dir(directory, name), self.peft_config[name], encoder.flat_table(), heads)
+        the "default" adapter at the top of `directory` and each other one in a sub-directory of its name.
+
+        `state_dict`, this wrapper's full state dict (PEFT's and transformers' keyword), is saved instead of the live
+        parameters. Sharded parameters (DTensors, as FSDP2 leaves them) are gathered on every rank, then saved from
+        one:
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if torch.distributed.get_rank() == 0:
+                model.save_pretrained(directory, state_dict=state)
+        """
+        heads = [f"base_model.{head}.{name}" for head in self.heads
+                 for name, _ in self.base_model.get_submodule(head).named_parameters()]
+        adapter = [f"prefix_encoders.{key}" for key in self.prefix_encoders.state_dict()] + heads
+        if state_dict is None:
+            state_dict = self.state_dict(keep_vars=True)
+            if _distributed(state_dict[key] for key in adapter):
+                raise ValueError("state_dict: the adapter's parameters are sharded (DTensors, as under FSDP2); gather "
+                                 "them on every rank with get_model_state_dict(model, options=StateDictOptions("
+                                 "full_state_dict=True, cpu_offload=True)) and pass the result as state_dict on the "
+                                 "rank that saves")
+        missing = [key for key in adapter if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: expected this model's full state dict, missing {missing}")
+        for name in self.prefix_encoders:
+            write_adapter(adapter_dir(directory, name), self.peft_config[name], self._table(name, state_dict),
+                          {key.removeprefix("base_model."): state_dict[key] for key in heads})
+
+    def _table(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An adapter's `prompt_embeddings` `[P, L * 2 * token_dim]`, computed from its parameters in `state_dict`."""
+        encoder = self.prefix_encoders[adapter_name]
+        prefix = f"prefix_encoders.{adapter_name}."
+        # The encoder's structure (its MLP folded or not) on the meta device: no memory, no random draws
+        config = dataclasses.replace(self.peft_config[adapter_name], prefix_projection=encoder.prefix_projection)
+        with torch.device("meta"):
+            saved = PrefixEncoder(config)
+        saved.load_state_dict({key: state_dict[prefix + key] for key in encoder.state_dict()}, assign=True)
+        return saved.flat_table()
 
     # ---- the base model -----------------------------------------------------------------------------------------
 
@@ -405,6 +437,15 @@ class PrefixModel(nn.Module):
         """PEFT's and older transformers' name for `activation_checkpointing_enable`."""
         options = _non_reentrant("gradient_checkpointing_kwargs", gradient_checkpointing_kwargs)
         self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+
+def _distributed(tensors) -> bool:
+    """Whether any of `tensors` is a DTensor (a shard or replica of a distributed parameter)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def _non_reentrant(name: str, options: dict | None) -> dict:

@@ -60,6 +60,9 @@ def prefix_attention_forward(
     if prefix_plan is None:
         return _as_before(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                           is_causal=is_causal, position_bias=position_bias, softcap=softcap, **kwargs)
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v (and prefix) in its dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     slot = prefix_plan.layout.slot(module)
     index = lengths = None
