@@ -1,4 +1,5 @@
-"""The model-level contenders, all over one Llama-shaped model with random weights and one random prefix.
+"""The model-level contenders, all over one Llama-shaped model with random weights and one random prefix, and what
+the training benchmarks feed them (batches packed or padded, one training step).
 
 - `prefix_kernels`: `get_prefix_model`: the prefix read inside attention; the KV cache holds only the sequence.
 - `peft`: real PEFT, `get_peft_model(model, PrefixTuningConfig(...))` (forward and training).

@@ -44,8 +44,8 @@ def spread(count: int, shortest: int, longest: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def models():
-    """provider -> the model it trains: ours, PEFT's, and the model with no prefix (SDPA; SDPA per packed
-    sequence), all from one base model's weights."""
+    """name -> model, all from one base model's weights: ours, PEFT's, the model with no prefix (SDPA), and the
+    same with SDPA once per packed sequence."""
     made = contenders(SIZE, P, DEVICE, DTYPE)
     return {"prefix_kernels": made.ours.train(), "peft": made.peft.train(),
             "no_prefix": embeddings_trained(made.base).train(),
@@ -73,17 +73,21 @@ def test_train_step(benchmark, models, provider):
         group=f"model train step {MODEL} B={b} S={s} right padding, lengths {lengths[0]}..{s}, P={P}")
 
 
-@pytest.mark.parametrize("provider", ["prefix_kernels packed", "prefix_kernels padded", "peft padded",
-                                      "no_prefix packed"])
+# provider -> (the model it trains, how it batches the examples)
+THROUGHPUT = {"prefix_kernels packed": ("prefix_kernels", packed),
+              "prefix_kernels padded": ("prefix_kernels", right_padded),
+              "peft padded": ("peft", right_padded),
+              "no_prefix packed": ("no_prefix packed", packed)}
+
+
+@pytest.mark.parametrize("provider", THROUGHPUT)
 def test_train_throughput(benchmark, models, provider):
     """Real tokens per second over ragged examples: ours packed at least 1.5x PEFT padded, and within 1.10x of the
     model with no prefix packed."""
     count, shortest, longest = RAGGED
     lengths = spread(count, shortest, longest)
-    sequences = examples(lengths, SHAPES[SIZE]["vocab_size"])
-    name, layout = provider.split()
-    model = models["no_prefix packed" if provider == "no_prefix packed" else name]
-    run(benchmark, model, packed(sequences, DEVICE) if layout == "packed" else right_padded(sequences, DEVICE),
+    model, batch = THROUGHPUT[provider]
+    run(benchmark, models[model], batch(examples(lengths, SHAPES[SIZE]["vocab_size"]), DEVICE),
         real_tokens=sum(lengths), provider=provider, baseline="peft padded",
         reference="no_prefix packed" if provider == "prefix_kernels packed" else None,
         group=f"model training throughput {MODEL} {count} examples of {shortest}..{longest} tokens, P={P}")
