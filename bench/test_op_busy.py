@@ -21,7 +21,7 @@ SHAPE = {"smoke": (2, 4, 2, 32, 4, 16), "cpu": (16, 16, 4, 2048, 64, 64), "cuda"
 ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (20, 3), "cuda": (30, 5)}[SIZE]
 # A CPU-bound Python loop that stops by itself once its parent (this benchmark process) is gone.
 SPIN = """
-import os, sys
+import os
 parent = os.getppid()
 print("spinning", flush=True)
 while os.getppid() == parent:
