@@ -52,8 +52,7 @@ def against_reference(info: dict) -> str:
     return "" if ratio is None else f"{1 / ratio:.3g}x {info['reference']}"
 
 
-LEGEND = """
-
+LEGEND = """\
 - speed-up vs baseline: the baseline's median over this one's; peak memory vs baseline: this one's peak over the
   baseline's. The baseline is PEFT's path (`materialised` for the op, `peft`, `peft padded` or `peft_cache` for the
   model) under the same condition, or a single adapter for the adapter bank.
@@ -80,7 +79,7 @@ def table(data: dict) -> str:
             row = [group if i == 0 else "", info["provider"], duration(bench["stats"]["median"]), *figures,
                    relative(info, "speedup_vs", "x"), relative(info, "memory_vs", "x"), against_reference(info)]
             lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + LEGEND
+    return "\n".join(lines) + "\n"
 
 
 def sweeps(data: dict) -> dict[str, dict[str, list[tuple]]]:
@@ -122,7 +121,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     data = json.loads(args.results.read_text())
     markdown = args.markdown or args.results.with_suffix(".md")
-    markdown.write_text(f"{summary(data)}.\n\n{table(data)}")
+    markdown.write_text(f"{summary(data)}.\n\n{table(data)}\n{LEGEND}")
     print(f"wrote {markdown}")
     drawn = sweeps(data)
     if args.plot is not None and not drawn:
