@@ -1,8 +1,17 @@
-"""`pytest bench`: ratios between the providers of each group, computed from this same run, into the JSON."""
+"""`pytest bench`: the JSON's directory made up front; ratios between the providers of each group, computed from
+this same run, into the JSON."""
 
 import pytest
 import torch
 from measure import DEVICE, DTYPE, SIZE
+
+
+def pytest_configure(config):
+    """Create the directory `--benchmark-json` writes into (bench/results/ is not in a fresh clone) before anything
+    runs: pytest-benchmark opens the file only after the last benchmark."""
+    path = config.getoption("benchmark_json", None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.hookimpl

@@ -57,6 +57,32 @@ def ours(q, k, v, prefix_k, prefix_v, causal=True, backend=None):
     return prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
 
 
+def op_providers(device: str, head_dim: int, decode: bool) -> list[str]:
+    """The providers of an op benchmark: ours with each backend that runs (`backends`), then the materialised path
+    and SDPA on pre-concatenated K/V."""
+    fused = [f"prefix_kernels:{name}" for name in backends(device, head_dim, decode)]
+    return [*fused, "materialised", "sdpa_preconcat"]
+
+
+def attention_call(provider: str, shape: tuple, backward: bool, dtype: torch.dtype, device: str):
+    """A no-argument call of `provider` ("prefix_kernels:<backend>", "materialised" or "sdpa_preconcat") on fresh
+    random inputs of `shape` (B, Hq, Hkv, Sq, Skv, P, D), causal: a forward, or a forward and backward."""
+    b, hq, hkv, sq, skv, p, d = shape
+    q, k, v, pk, pv = make_inputs(b, hq, hkv, sq, skv, p, d, dtype, device, requires_grad=backward)
+    if provider == "sdpa_preconcat":
+        keys, values = preconcatenated(q, k, v, pk, pv)
+        fn = lambda: sdpa_preconcat(q, keys, values, p)  # noqa: E731
+    elif provider == "materialised":
+        fn = lambda: materialised(q, k, v, pk, pv)  # noqa: E731
+    else:
+        backend = provider.split(":")[1]
+        fn = lambda: ours(q, k, v, pk, pv, backend=backend)  # noqa: E731
+    if not backward:
+        return torch.no_grad()(fn)
+    grad = torch.randn_like(q)
+    return lambda: fn().backward(grad)
+
+
 def backends(device: str, head_dim: int, decode: bool, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The backends of `prefix_attention` worth timing on `device`: "torch" always; on CUDA also every compiled
     backend that can run: "triton", and for decode "cuda" (a forward-only decode kernel). On CPU Triton runs only

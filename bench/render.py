@@ -1,15 +1,18 @@
 """Render the JSON of `pytest bench --benchmark-json FILE` as a markdown table and a PNG plot.
 
-    python bench/render.py bench/results/cpu.json --markdown bench/cpu_results.md --plot bench/cpu_results.png
+    python bench/render.py bench/results/cpu.json     # writes bench/results/cpu.md and bench/results/cpu.png
 
-The table has one block of rows per benchmark group: each provider's median, its derived figures, and its time
-and peak memory relative to the group's baseline (PEFT's path: `materialised` for the op, `peft` or `peft_cache`
-for the model). The plot draws each sweep (the decode step against the K/V cache length): time and peak memory
-per provider.
+Both land next to the JSON unless `--markdown` / `--plot` name other files; the published CPU results are rendered
+from the JSON of an idle machine's run with `--markdown bench/cpu_results.md --plot bench/cpu_results.png`.
+
+The table has one block of rows per benchmark group: each provider's median, its derived figures, its time and peak
+memory relative to the group's baseline, and, where a benchmark names one, its time relative to a reference.
+The plot draws each sweep (the decode step against the K/V cache length): time and peak memory per provider.
 """
 
 import argparse
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -44,6 +47,21 @@ def relative(info: dict, key: str, suffix: str) -> str:
     return "" if ratio is None else f"{ratio:.3g}{suffix}"
 
 
+def against_reference(info: dict) -> str:
+    ratio = info["speedup_vs"].get(info.get("reference"))
+    return "" if ratio is None else f"{1 / ratio:.3g}x {info['reference']}"
+
+
+LEGEND = """\
+- speed-up vs baseline: the baseline's median over this one's; peak memory vs baseline: this one's peak over the
+  baseline's. The baseline is PEFT's path (`materialised` for the op, `peft`, `peft padded` or `peft_cache` for the
+  model) under the same condition, or a single adapter for the adapter bank.
+- time vs reference: this median over the named provider's: the model with no prefix (what the prefix itself
+  costs), or the same provider on an idle machine (what one busy competitor process costs).
+- tokens/s: real (non-padding) tokens per second; for generation, the new tokens.
+"""
+
+
 def summary(data: dict) -> str:
     context = data.get("context", {})
     return (f"{context.get('size', '?')} sizes, {context.get('dtype', '?')}, {context.get('device', '?')}, "
@@ -51,30 +69,34 @@ def summary(data: dict) -> str:
 
 
 def table(data: dict) -> str:
-    header = ["case", "provider", "median", *(title for _, title, _ in FIGURES), "speed-up vs PEFT path",
-              "peak memory vs PEFT path"]
+    header = ["case", "provider", "median", *(title for _, title, _ in FIGURES), "speed-up vs baseline",
+              "peak memory vs baseline", "time vs reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for group, members in by_group(data["benchmarks"]).items():
         for i, bench in enumerate(members):
             info = bench["extra_info"]
             figures = [fmt.format(info[key]) if key in info else "" for key, _, fmt in FIGURES]
             row = [group if i == 0 else "", info["provider"], duration(bench["stats"]["median"]), *figures,
-                   relative(info, "speedup_vs", "x"), relative(info, "memory_vs", "x")]
+                   relative(info, "speedup_vs", "x"), relative(info, "memory_vs", "x"), against_reference(info)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(data: dict, path: str) -> None:
-    sweeps = {}
+def sweeps(data: dict) -> dict[str, dict[str, list[tuple]]]:
+    """sweep label -> provider -> [(x, median ms, peak MB)] of the benchmarks that belong to a sweep."""
+    found = {}
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         if "sweep" in info:
-            points = sweeps.setdefault(info["sweep"], {}).setdefault(info["provider"], [])
+            points = found.setdefault(info["sweep"], {}).setdefault(info["provider"], [])
             points.append((info["x"], bench["stats"]["median"] * 1e3, info["peak_mb"]))
-    if not sweeps:
-        raise SystemExit("no sweep in these results (the op suite, bench/test_op.py, has one)")
-    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4.2 * len(sweeps)), squeeze=False)
-    for (label, providers), (time_ax, memory_ax) in zip(sweeps.items(), axes, strict=True):
+    return found
+
+
+def plot(drawn: dict[str, dict[str, list[tuple]]], title: str, path: Path) -> None:
+    """Time and peak memory of each provider along each of `drawn`'s sweeps, one row of two panels per sweep."""
+    fig, axes = plt.subplots(len(drawn), 2, figsize=(11, 4.2 * len(drawn)), squeeze=False)
+    for (label, providers), (time_ax, memory_ax) in zip(drawn.items(), axes, strict=True):
         for provider, points in providers.items():
             xs, times, peaks = zip(*sorted(points), strict=True)
             time_ax.plot(xs, times, marker="o", label=provider)
@@ -85,27 +107,29 @@ def plot(data: dict, path: str) -> None:
             ax.xaxis.set_minor_locator(NullLocator())
             ax.grid(True, which="both", alpha=0.3)
         time_ax.legend()
-    fig.suptitle(summary(data))
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="the JSON written by pytest --benchmark-json")
-    parser.add_argument("--markdown", help="write the table here (default: print it)")
-    parser.add_argument("--plot", help="write the PNG plot here")
+    parser.add_argument("results", type=Path, help="the JSON written by pytest --benchmark-json")
+    parser.add_argument("--markdown", type=Path, help="write the table here (default: next to the JSON, .md)")
+    parser.add_argument("--plot", type=Path, help="write the PNG plot here (default: next to the JSON, .png, when the "
+                                                  "results hold a sweep)")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        data = json.load(f)
-    text = f"{summary(data)}.\n\n{table(data)}"
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    else:
-        print(text, end="")
-    if args.plot:
-        plot(data, args.plot)
+    data = json.loads(args.results.read_text())
+    markdown = args.markdown or args.results.with_suffix(".md")
+    markdown.write_text(f"{summary(data)}.\n\n{table(data)}\n{LEGEND}")
+    print(f"wrote {markdown}")
+    drawn = sweeps(data)
+    if args.plot is not None and not drawn:
+        raise SystemExit("--plot: no sweep in these results (the op suite, bench/test_op.py, has one)")
+    if drawn:
+        path = args.plot or args.results.with_suffix(".png")
+        plot(drawn, summary(data), path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Model-level benchmarks on a Llama-shaped model with random weights (`models.py`): a training step, a prefill,
-batched greedy generation; ours against PEFT on the same weights and the same prefix.
+"""Model-level benchmarks on a Llama-shaped model with random weights (`models.py`): a prefill and batched greedy
+generation; ours against PEFT on the same weights and the same prefix (training: `test_training.py`).
 
     pytest bench/test_model.py --benchmark-json bench/results/model.json
 
-`extra_info`: `tokens_per_s` (training step and prefill: the B * S tokens processed; generation: the B * new
-tokens produced, prefill included), `peak_mb` (`measure.peak_memory_mb`).
+`extra_info`: `tokens_per_s` (prefill: the B * S tokens processed; generation: the B * new tokens produced,
+prefill included), `peak_mb` (`measure.peak_memory_mb`).
 """
 
 import pytest
@@ -13,7 +13,6 @@ from measure import DEVICE, DTYPE, SIZE, measure
 from models import SHAPES, contenders, generate_peft_cache
 
 P = {"smoke": 4, "cpu": 128, "cuda": 128}[SIZE]
-TRAIN = {"smoke": (2, 16), "cpu": (8, 256), "cuda": (8, 2048)}[SIZE]  # (B, S)
 GENERATE = {"smoke": (2, 16, 4), "cpu": (32, 512, 32), "cuda": (32, 2048, 128)}[SIZE]  # (B, prompt, new tokens)
 ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (3, 1), "cuda": (5, 1)}[SIZE]
 MODEL = "Llama L={num_hidden_layers} hidden={hidden_size} Hq={num_attention_heads} Hkv={num_key_value_heads}".format(
@@ -32,25 +31,6 @@ def tokens(b, s, vocab=SHAPES[SIZE]["vocab_size"]):
 
 def greedy(new_tokens):
     return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-
-@pytest.mark.parametrize("provider", ["prefix_kernels", "peft"])
-def test_train_step(benchmark, models, provider):
-    """Forward and backward with labels; only the prefix receives gradients."""
-    model = models.ours if provider == "prefix_kernels" else models.peft
-    b, s = TRAIN
-    ids, mask = tokens(b, s)
-    model.train()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-
-    median = measure(benchmark, step, group=f"model train step {MODEL} B={b} S={s} P={P}", provider=provider,
-                     baseline="peft", rounds=ROUNDS, warmup=WARMUP)
-    model.eval()
-    if median is not None:
-        benchmark.extra_info["tokens_per_s"] = b * s / median
 
 
 @pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])

@@ -10,7 +10,7 @@ K/V and the prefix read once each: effective bandwidth, whatever extra copies a 
 import pytest
 import torch
 from measure import DEVICE, DTYPE, SIZE, measure
-from providers import backends, make_inputs, materialised, ours, preconcatenated, sdpa_preconcat
+from providers import attention_call, make_inputs, op_providers
 
 from prefix_kernels import prefix_attention
 
@@ -29,10 +29,6 @@ DECODE, CACHE_LENGTHS = {
 BASELINE = "materialised"
 
 
-def providers(head_dim, decode):
-    return [f"prefix_kernels:{name}" for name in backends(DEVICE, head_dim, decode)] + [BASELINE, "sdpa_preconcat"]
-
-
 def attention_flops(b, hq, sq, skv, p, d, causal=True):
     """FlashAttention's convention: 4 * B * Hq * Sq * keys * D, keys halved over the causal part when Sq = Skv."""
     seq_keys = skv / 2 if causal and sq == skv else skv
@@ -43,27 +39,9 @@ def describe(b, hq, hkv, sq, skv, p, d):
     return f"B={b} Hq={hq} Hkv={hkv} Sq={sq} Skv={skv} P={p} D={d}"
 
 
-def attention_call(provider, shape, backward):
-    """A no-argument call of `provider` on fresh random inputs of `shape`: a forward, or a forward and backward."""
-    b, hq, hkv, sq, skv, p, d = shape
-    q, k, v, pk, pv = make_inputs(b, hq, hkv, sq, skv, p, d, DTYPE, DEVICE, requires_grad=backward)
-    if provider == "sdpa_preconcat":
-        keys, values = preconcatenated(q, k, v, pk, pv)
-        fn = lambda: sdpa_preconcat(q, keys, values, p)  # noqa: E731
-    elif provider == BASELINE:
-        fn = lambda: materialised(q, k, v, pk, pv)  # noqa: E731
-    else:
-        backend = provider.split(":")[1]
-        fn = lambda: ours(q, k, v, pk, pv, backend=backend)  # noqa: E731
-    if not backward:
-        return torch.no_grad()(fn)
-    grad = torch.randn_like(q)
-    return lambda: fn().backward(grad)
-
-
 def run(benchmark, provider, shape, mode):
     backward = mode == "fwd+bwd"
-    median = measure(benchmark, attention_call(provider, shape, backward),
+    median = measure(benchmark, attention_call(provider, shape, backward, DTYPE, DEVICE),
                      group=f"op {mode} {describe(*shape)}", provider=provider, baseline=BASELINE)
     if median is None:
         return
@@ -76,17 +54,17 @@ def run(benchmark, provider, shape, mode):
                                     x=skv)
 
 
-@pytest.mark.parametrize("provider", providers(PREFILL[-1], decode=False))
+@pytest.mark.parametrize("provider", op_providers(DEVICE, PREFILL[-1], decode=False))
 def test_prefill_forward(benchmark, provider):
     run(benchmark, provider, PREFILL, "fwd")
 
 
-@pytest.mark.parametrize("provider", providers(PREFILL[-1], decode=False))
+@pytest.mark.parametrize("provider", op_providers(DEVICE, PREFILL[-1], decode=False))
 def test_prefill_forward_backward(benchmark, provider):
     run(benchmark, provider, PREFILL, "fwd+bwd")
 
 
-@pytest.mark.parametrize("provider", providers(DECODE[-1], decode=True))
+@pytest.mark.parametrize("provider", op_providers(DEVICE, DECODE[-1], decode=True))
 @pytest.mark.parametrize("cache_length", CACHE_LENGTHS)
 def test_decode(benchmark, cache_length, provider):
     b, hq, hkv, p, d = DECODE

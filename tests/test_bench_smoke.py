@@ -1,7 +1,10 @@
-"""`pytest bench` at its smoke sizes, in a subprocess, so the benchmark harness cannot rot unnoticed."""
+"""The README's benchmark command at smoke sizes, on a copy of the tree as a fresh clone has it (no bench/results/),
+so neither the benchmark harness nor the command can rot unnoticed."""
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +16,43 @@ pytest.importorskip("pytest_benchmark", reason="pytest bench needs the bench ext
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {"test_prefill_forward", "test_prefill_forward_backward", "test_decode",  # bench/test_op.py
           "test_decode_adapter_bank",
-          "test_train_step", "test_prefill", "test_generate"}  # bench/test_model.py
+          "test_prefill", "test_generate",  # bench/test_model.py
+          "test_train_step", "test_train_throughput",  # bench/test_training.py
+          "test_decode_busy_machine"}  # bench/test_op_busy.py
+PUBLISHED = ("bench/cpu_results.md", "bench/cpu_results.png")  # tracked: rendered only when named
+
+
+def readme_command(marker: str) -> list[str]:
+    """The README's command line containing `marker`, with its interpreter replaced by this one."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if marker in line]
+    assert len(lines) == 1, f"README.md: expected one command line with {marker!r}, found {len(lines)}"
+    interpreter, *arguments = shlex.split(lines[0], comments=True)
+    assert interpreter.endswith("python"), f"README.md: expected a python command line, got {lines[0]!r}"
+    return [sys.executable, *arguments]
+
+
+def fresh_clone(destination: Path) -> Path:
+    """The tree's sources copied to `destination`, without what a fresh clone lacks (results, caches, venvs)."""
+    ignored = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis",
+                                     "*.egg-info", "build", "dist", "results")
+    shutil.copytree(ROOT, destination, ignore=ignored)
+    assert not (destination / "bench" / "results").exists()
+    return destination
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
-    """(the finished `pytest bench` process, the path of its JSON results)."""
-    results = tmp_path_factory.mktemp("bench") / "smoke.json"
+def clone(tmp_path_factory):
+    return fresh_clone(tmp_path_factory.mktemp("clone") / "prefix_kernels")
+
+
+@pytest.fixture(scope="module")
+def bench_run(clone):
+    """(the finished README command, the path of its JSON results) at smoke sizes, run in `clone`."""
+    command = readme_command("-m pytest bench")
+    results = clone / command[command.index("--benchmark-json") + 1]
     env = dict(os.environ, PREFIX_KERNELS_BENCH_SIZE="smoke",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", f"--benchmark-json={results}"]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240), results
+               PYTHONPATH=os.pathsep.join(filter(None, [str(clone), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=240), results
 
 
 def test_bench_runs_every_suite(bench_run):
@@ -36,13 +65,18 @@ def test_bench_runs_every_suite(bench_run):
         info = bench["extra_info"]
         assert info["peak_mb"] >= 0, bench["name"]
         assert info["provider"] == info["baseline"] or info["baseline"] in info["speedup_vs"], bench["name"]
+        assert info.get("reference") is None or info["reference"] in info["speedup_vs"], bench["name"]
 
 
-def test_render_writes_table_and_plot(bench_run, tmp_path):
+def test_render_writes_next_to_the_results(bench_run, clone):
     pytest.importorskip("matplotlib", reason="bench/render.py needs the bench extra (matplotlib)")
     _, results = bench_run
-    table, plot = tmp_path / "results.md", tmp_path / "results.png"
-    subprocess.run([sys.executable, "bench/render.py", str(results), "--markdown", str(table), "--plot", str(plot)],
-                   cwd=ROOT, check=True, timeout=120)
-    assert "| materialised |" in table.read_text() and "| peft_cache |" in table.read_text()
-    assert plot.stat().st_size > 0
+    subprocess.run([sys.executable, "bench/render.py", str(results.relative_to(clone))], cwd=clone, check=True,
+                   timeout=120)
+    table = results.with_suffix(".md").read_text()
+    for row in ("| materialised |", "| peft_cache |", "| 16 adapters |", "| prefix_kernels packed |",
+                "| no_prefix packed |", "| prefix_kernels:torch busy |"):
+        assert row in table, row
+    assert results.with_suffix(".png").stat().st_size > 0
+    for published in PUBLISHED:
+        assert (clone / published).read_bytes() == (ROOT / published).read_bytes(), f"{published} was rewritten"
