@@ -39,7 +39,7 @@ def _attention(
                  max_seqlen_q, max_seqlen_k, causal, scale, softcap)
     check_values(p)
     o, lse = dispatch.backend(backend).forward(p)
-    return o, lse.to(_lse_dtype(q))
+    return o.contiguous(), lse.to(_lse_dtype(q)).contiguous()  # the layouts the fake implementation promises
 
 
 @_attention.register_fake

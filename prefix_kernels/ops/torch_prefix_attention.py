@@ -244,51 +244,43 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()  # the flash kernel assumes unit stride along D
 
 
-def _forward(p: AttentionProblem, o_out: torch.Tensor, lse_out: torch.Tensor) -> None:
-    """Attention of one batch into `o_out` `[B, Hq, Sq, D]` and `lse_out` `[B, Hq, Sq]` (views of the outputs)."""
-    flash = _uses_flash(p)
-    rows = _layout(p, flash)
-    seq, pre = _sequence_part(p, flash), _prefix_part(p)
-    if flash:
-        q = rows(_unit_stride_d(p.q))
-        o_seq, lse_seq = _flash_part(q, _contiguous_d(seq), rows, p.scale)
-        o_pre, lse_pre = _flash_part(q, _contiguous_d(pre), rows, p.scale)
-        o, lse = _merge(o_seq.to(lse_seq.dtype), lse_seq, o_pre.to(lse_pre.dtype), lse_pre)
-    else:
-        qg = rows(p.q).to(_acc_dtype(p.q.dtype))
-        o, lse = _merge(*_matmul_part(qg, seq, rows, p), *_matmul_part(qg, pre, rows, p))
-    o_out.copy_(rows.back(o))
-    lse_out.copy_(rows.back(lse))
-
-
 def _contiguous_d(part: _Part) -> _Part:
     k, v = _unit_stride_d(part.k), _unit_stride_d(part.v)
     return part if k is part.k and v is part.v else _Part(k, v, part.index, part.top_left_causal, part.visible,
                                                           part.bias, part.empty)
 
 
-def _backward(p: AttentionProblem, o, lse, d_o, grads: dict) -> None:
-    """Gradients of one batch, written into the views in `grads` ("dq", "dk", "dv", "dpk", "dpv"; absent when
-    not asked for)."""
-    flash = _uses_flash(p)
+def _part_forward(p: AttentionProblem, part: _Part, flash: bool):
+    """(o `[B, Hq, Sq, D]`, lse `[B, Hq, Sq]`), in the accumulation dtype, of the queries over one part."""
     rows = _layout(p, flash)
-    seq, pre = _sequence_part(p, flash), _prefix_part(p)
-    lse_rows = rows(lse.masked_fill(lse.isinf(), 0.0))  # rows that saw nothing: every probability is 0
+    if flash:
+        o, lse = _flash_part(rows(_unit_stride_d(p.q)), _contiguous_d(part), rows, p.scale)
+        o = o.to(lse.dtype)
+    else:
+        o, lse = _matmul_part(rows(p.q).to(_acc_dtype(p.q.dtype)), part, rows, p)
+    return rows.back(o), rows.back(lse)
+
+
+def _part_backward(p: AttentionProblem, part: _Part, flash: bool, o, lse_rows, d_o):
+    """(dq share `[B, Hq, Sq, D]`, dk, dv in the part's own shape) given the merged o and LSE (`lse_rows`: rows
+    that saw nothing hold 0, so every probability there is 0)."""
+    rows = _layout(p, flash)
     if flash:
         q, o_r = rows(_unit_stride_d(p.q)), rows(_unit_stride_d(o))
-        d_o_r, lse_rows = rows(d_o).contiguous(), lse_rows.contiguous()
-        dq_seq, dk, dv = _flash_part_backward(d_o_r, q, o_r, lse_rows, _contiguous_d(seq), rows, p.scale)
-        dq_pre, dpk, dpv = _flash_part_backward(d_o_r, q, o_r, lse_rows, _contiguous_d(pre), rows, p.scale)
+        dq, dk, dv = _flash_part_backward(rows(d_o).contiguous(), q, o_r, rows(lse_rows).contiguous(),
+                                          _contiguous_d(part), rows, p.scale)
     else:
         acc = _acc_dtype(p.q.dtype)
         qg, dog = rows(p.q).to(acc), rows(d_o).to(acc)
         delta = (dog * rows(o).to(acc)).sum(-1)
-        dq_seq, dk, dv = _matmul_part_backward(qg, dog, lse_rows, delta, seq, rows, p)
-        dq_pre, dpk, dpv = _matmul_part_backward(qg, dog, lse_rows, delta, pre, rows, p)
-    for name, value in (("dq", lambda: rows.back(dq_seq.to(lse.dtype) + dq_pre.to(lse.dtype))),
-                        ("dk", lambda: dk), ("dv", lambda: dv), ("dpk", lambda: dpk), ("dpv", lambda: dpv)):
-        if name in grads:
-            grads[name].add_(value())
+        dq, dk, dv = _matmul_part_backward(qg, dog, rows(lse_rows), delta, part, rows, p)
+    return rows.back(dq), dk, dv
+
+
+def _prefix_whole(p: AttentionProblem) -> bool:
+    """Whether a packed problem's prefix part runs once over all its tokens: every sequence reads the same prefix
+    keys, all of them."""
+    return p.shared_prefix and p.prefix_lengths is None
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------
@@ -316,51 +308,65 @@ def forward(p: AttentionProblem):
     """Backend "torch": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32, or float64 for
     float64 inputs)."""
     b, hq, sq, d = p.q.shape
+    acc = _acc_dtype(p.q.dtype)
     o = p.q.new_empty(b, sq, hq, d)
-    lse = p.q.new_empty(b, hq, sq, dtype=_acc_dtype(p.q.dtype))
     if p.q.numel() == 0:
-        return o.zero_(), lse.fill_(float("-inf"))
-    if p.packed:
+        return o.zero_(), p.q.new_full((b, hq, sq), float("-inf"), dtype=acc)
+    flash = _uses_flash(p)
+    if not p.packed:
+        o_seq, lse_seq = _part_forward(p, _sequence_part(p, flash), flash)
+        o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
+    else:  # each sequence's own keys; the prefix once for every token when all read the same one
+        o_seq, o_pre = (torch.zeros(b, hq, sq, d, dtype=acc, device=p.q.device) for _ in range(2))
+        lse_seq, lse_pre = (torch.full((b, hq, sq), float("-inf"), dtype=acc, device=p.q.device) for _ in range(2))
+        whole = _prefix_whole(p)
+        if whole:
+            o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
         for sub, qs, _, _ in _sequences(p):
-            _forward(sub, o[:, qs].transpose(1, 2), lse[:, :, qs])
-    else:
-        _forward(p, o.transpose(1, 2), lse)
+            o_seq[:, :, qs], lse_seq[:, :, qs] = _part_forward(sub, _sequence_part(sub, flash), flash)
+            if not whole:
+                o_pre[:, :, qs], lse_pre[:, :, qs] = _part_forward(sub, _prefix_part(sub), flash)
+    merged, lse = _merge(o_seq, lse_seq, o_pre, lse_pre)
+    o.transpose(1, 2).copy_(merged)
     return o, lse
 
 
 def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
     """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
     acc = _acc_dtype(p.q.dtype)
-    b, hq, sq, d = p.q.shape
-    grads = {}
-    if need_dq:
-        grads["dq"] = torch.zeros(b, sq, hq, d, dtype=acc, device=p.q.device).transpose(1, 2)
-    if need_dkv:
-        grads["dk"], grads["dv"] = (torch.zeros(p.k.shape, dtype=acc, device=p.q.device) for _ in range(2))
-    if need_dprefix:
-        grads["dpk"], grads["dpv"] = (torch.zeros(p.prefix_k.shape, dtype=acc, device=p.q.device) for _ in range(2))
+    dq = torch.zeros(p.q.shape, dtype=acc, device=p.q.device)
+    dk, dv = (torch.zeros(p.k.shape, dtype=acc, device=p.q.device) for _ in range(2))
+    dpk, dpv = (torch.zeros(p.prefix_k.shape, dtype=acc, device=p.q.device) for _ in range(2))
     if p.q.numel():
-        lse = lse.to(acc)
-        if p.packed:
-            for sub, qs, ks, row in _sequences(p):
-                _backward(sub, o[:, :, qs], lse[:, :, qs], d_o[:, :, qs], _sequence_views(grads, p, qs, ks, row))
+        flash = _uses_flash(p)
+        lse_rows = lse.to(acc).masked_fill(lse.isinf(), 0.0)
+        if not p.packed:
+            for part, keys in ((_sequence_part(p, flash), (dk, dv)), (_prefix_part(p), (dpk, dpv))):
+                dq_part, *dkv = _part_backward(p, part, flash, o, lse_rows, d_o)
+                dq += dq_part
+                for total, grad in zip(keys, dkv):
+                    total += grad
         else:
-            _backward(p, o, lse, d_o, grads)
-    dq = grads["dq"].transpose(1, 2).to(p.q.dtype) if need_dq else None
-    dk, dv = (grads[n].to(p.k.dtype) if need_dkv else None for n in ("dk", "dv"))
-    dpk, dpv = (grads[n].to(p.prefix_k.dtype) if need_dprefix else None for n in ("dpk", "dpv"))
-    return dq, dk, dv, dpk, dpv
+            whole = _prefix_whole(p)
+            if whole:
+                dq_part, dpk_part, dpv_part = _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o)
+                dq += dq_part
+                dpk += dpk_part
+                dpv += dpv_part
+            for sub, qs, ks, row in _sequences(p):
+                views = (o[:, :, qs], lse_rows[:, :, qs], d_o[:, :, qs])
+                dq_part, dk_part, dv_part = _part_backward(sub, _sequence_part(sub, flash), flash, *views)
+                dq[:, :, qs] += dq_part
+                dk[:, :, ks] += dk_part
+                dv[:, :, ks] += dv_part
+                if not whole:
+                    dq_part, dpk_part, dpv_part = _part_backward(sub, _prefix_part(sub), flash, *views)
+                    dq[:, :, qs] += dq_part
+                    own = slice(None) if p.prefix_index is not None else slice(row, row + 1)
+                    dpk[own] += dpk_part
+                    dpv[own] += dpv_part
+    return (dq.transpose(1, 2).to(p.q.dtype) if need_dq else None,
+            dk.to(p.k.dtype) if need_dkv else None, dv.to(p.v.dtype) if need_dkv else None,
+            dpk.to(p.prefix_k.dtype) if need_dprefix else None, dpv.to(p.prefix_v.dtype) if need_dprefix else None)
 
 
-def _sequence_views(grads: dict, p: AttentionProblem, qs: slice, ks: slice, row: int) -> dict:
-    """The slices of the packed gradient buffers that one packed sequence writes (its prefix gradient: the shared
-    prefix's whole buffer, its own entry, or the whole bank, which its index selects)."""
-    views = {}
-    if "dq" in grads:
-        views["dq"] = grads["dq"][:, :, qs]
-    if "dk" in grads:
-        views["dk"], views["dv"] = grads["dk"][:, :, ks], grads["dv"][:, :, ks]
-    if "dpk" in grads:
-        own = p.prefix_index is not None or p.shared_prefix
-        views["dpk"], views["dpv"] = (grads[n] if own else grads[n][row:row + 1] for n in ("dpk", "dpv"))
-    return views
