@@ -6,16 +6,13 @@ The prefix encoder is sharded with the root's group, like any trainable paramete
 its optimizer state per rank. Replicating it instead would need its own gradient all-reduce outside FSDP.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
 import torch
 from fsdp_train import probe, train
 from safetensors.torch import load_file
-from test_distributed import free_port
+from test_distributed import run_two_ranks
 from tiny_models import tiny_decoder
 
 from prefix_kernels import PrefixModel, PrefixTuningConfig, get_prefix_model
@@ -24,12 +21,7 @@ TESTS = Path(__file__).parent
 
 
 def test_fsdp2_on_two_ranks_equals_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(TESTS / "fsdp_train.py"), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks("fsdp_train.py", tmp_path, timeout=180)
     record = load_file(tmp_path / "record.safetensors")
 
     single, losses, grads = train(rank=0, world_size=1)
