@@ -6,8 +6,6 @@ The prefix encoder is sharded with the root's group, like any trainable paramete
 its optimizer state per rank. Replicating it instead would need its own gradient all-reduce outside FSDP.
 """
 
-from pathlib import Path
-
 import peft
 import torch
 from fsdp_train import probe, train
@@ -16,8 +14,6 @@ from test_distributed import run_two_ranks
 from tiny_models import tiny_decoder
 
 from prefix_kernels import PrefixModel, PrefixTuningConfig, get_prefix_model
-
-TESTS = Path(__file__).parent
 
 
 def test_fsdp2_on_two_ranks_equals_one_process(tmp_path):
