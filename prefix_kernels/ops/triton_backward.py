@@ -19,6 +19,7 @@ from .triton_common import (
     INTERPRETED,
     SIZES,
     TUNE_KEY,
+    Tile,
     autotune_configs,
     capped,
     causal_span,
@@ -34,12 +35,22 @@ from .triton_common import (
     tune_bucket,
 )
 
-# (BLOCK_N keys, BLOCK_M query rows, warps, stages, largest BLOCK_D): dK/dV holds two [BLOCK_N, BLOCK_D] fp32
-# accumulators, so it wants a large key tile and a small query tile. Checked ahead of time as the forward's are.
-DKDV_TILES = [(128, 32, 8, 2, 128), (64, 64, 8, 2, 128), (64, 32, 4, 2, 128), (32, 32, 4, 2, 256)]
+# dK/dV tiles of (BLOCK_N keys, BLOCK_M query rows), as the forward's: dK/dV holds two [BLOCK_N, BLOCK_D] fp32
+# accumulators, so it wants a large key tile and a small query tile.
+DKDV_TILES = [
+    Tile((128, 32), 8, 2, max_d=(64, 128), max_d_heavy=(64, 64)),
+    Tile((64, 32), 8, 2, max_d=(128, 128), max_d_heavy=(128, 128)),
+    Tile((32, 32), 8, 2, max_d=(256, 256), max_d_heavy=(256, 256)),
+    Tile((32, 16), 8, 2, max_d=(256, 256), max_d_heavy=(256, 256)),
+]
 DKDV_CONFIGS = autotune_configs(("BLOCK_N", "BLOCK_M"), DKDV_TILES)
-# (BLOCK_M query rows, BLOCK_N keys, warps, stages, largest BLOCK_D) for dQ.
-DQ_TILES = [(128, 64, 8, 2, 128), (64, 64, 4, 2, 128), (64, 32, 4, 2, 128), (32, 32, 4, 2, 256)]
+# dQ tiles of (BLOCK_M query rows, BLOCK_N keys).
+DQ_TILES = [
+    Tile((128, 32), 8, 2, max_d=(0, 128), max_d_heavy=(0, 64)),
+    Tile((64, 64), 8, 2, max_d=(0, 128), max_d_heavy=(0, 64)),
+    Tile((64, 32), 8, 2, max_d=(128, 128), max_d_heavy=(128, 128)),
+    Tile((32, 32), 8, 2, max_d=(256, 256), max_d_heavy=(256, 256)),
+]
 DQ_CONFIGS = autotune_configs(("BLOCK_M", "BLOCK_N"), DQ_TILES)
 PREPROCESS_ROWS = 16 if INTERPRETED else 64
 
@@ -66,13 +77,15 @@ def _preprocess_kernel(O, DO, LSE, DELTA, LSE2, s_ob, s_oh, s_om, s_od, s_dob, s
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, lo, hi, G, sq, skv, hk,
-                s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, s_mn, s_bh, s_bm, s_bn, qk_scale, cap,
-                d, d_ok, MASKED: tl.constexpr, BAND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, mask_cols, s_bh, s_bm, bias_cols,
+                qk_scale, cap, d, d_ok, MASKED: tl.constexpr, BAND: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """Add to dk, dv [BN, BD] the grouped query rows [lo, hi) of the key tile (k, v) [BN, BD] at keys n [BN].
     Unless MASKED, every row sees every key; MASKED hides keys >= n_end and, with BAND, keys past the causal edge
-    (the row at position i sees key n iff n <= skv - sq + i). The mask and bias apply wherever they are given.
-    Rows past the last are loaded as zeros, which contribute nothing."""
+    (the row at position i sees key n iff n <= skv - sq + i). The mask and bias apply wherever they are given, read
+    at the int64 offsets `mask_cols` / `bias_cols` [BN] of these keys. Rows past the last are loaded as zeros,
+    which contribute nothing."""
     for first in range(lo, hi, BLOCK_M):
         row_ok, i, g = grouped_rows(first, G, sq, BLOCK_M)
         h = hk * G + g
@@ -89,7 +102,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, lo, hi, 
             if HAS_SOFTCAP:
                 slope = 1.0 - (st / cap) * (st / cap)  # d capped / d logit = 1 - tanh^2
             if HAS_BIAS:
-                bias_ptrs = BIAS + row_offsets(i, h, s_bm, s_bh)[None, :] + n[:, None] * s_bn
+                bias_ptrs = BIAS + row_offsets(i, h, s_bm, s_bh)[None, :] + bias_cols[:, None]
                 st += load_tile(bias_ptrs, n < n_end, row_ok, True, True).to(tl.float32) * 1.4426950408889634
             scale = 1.0
         else:
@@ -101,7 +114,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, lo, hi, 
                 if BAND:
                     visible = visible & (n[:, None] <= (skv - sq + i)[None, :])
             if HAS_MASK:
-                mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[None, :] + n[:, None] * s_mn
+                mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[None, :] + mask_cols[:, None]
                 visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[None, :] & (n < n_end)[:, None],
                                              other=0) != 0)
             st = tl.where(visible, st, float("-inf"))
@@ -127,6 +140,8 @@ def _key_tile_grads(k_ptrs, v_ptrs, n0, n_end, Q, DO, LSE2, DELTA, MASK, BIAS, G
     n = n0 + tl.arange(0, BLOCK_N)
     k = load_tile(k_ptrs, n < n_end, d_ok, True, not EVEN_D)  # [BN, BD]
     v = load_tile(v_ptrs, n < n_end, d_ok, True, not EVEN_D)
+    mask_cols = n.to(tl.int64) * s_mn
+    bias_cols = n.to(tl.int64) * s_bn
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -138,11 +153,11 @@ def _key_tile_grads(k_ptrs, v_ptrs, n0, n_end, Q, DO, LSE2, DELTA, MASK, BIAS, G
     if n0 + BLOCK_N > n_end:
         band_end = G * sq
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, lo, band_end, G, sq, skv, hk,
-                         s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, s_mn, s_bh, s_bm, s_bn,
+                         s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, mask_cols, s_bh, s_bm, bias_cols,
                          qk_scale, cap, d, d_ok, True, BAND, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION,
                          BLOCK_M)
     return _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, band_end, G * sq, G, sq, skv, hk,
-                       s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, s_mn, s_bh, s_bm, s_bn,
+                       s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, mask_cols, s_bh, s_bm, bias_cols,
                        qk_scale, cap, d, d_ok, False, BAND, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION,
                        BLOCK_M)
 
@@ -188,9 +203,10 @@ def _dkdv_kernel(
         entry = tl.load(PIDX + r) if HAS_INDEX else r.to(tl.int64)
         p_len = tl.load(PLEN + r).to(tl.int32) if HAS_LENGTHS else P  # keys past it are padding: zero gradient
         n = n0 + tl.arange(0, BLOCK_N)
+        keys = n.to(tl.int64)[:, None]
         dk, dv = _key_tile_grads(
-            PK + entry * s_pkb + hk * s_pkh + n[:, None] * s_pkn + d[None, :] * s_pkd,
-            PV + entry * s_pvb + hk * s_pvh + n[:, None] * s_pvn + d[None, :] * s_pvd, n0, p_len,
+            PK + entry * s_pkb + hk * s_pkh + keys * s_pkn + d[None, :] * s_pkd,
+            PV + entry * s_pvb + hk * s_pvh + keys * s_pvn + d[None, :] * s_pvd, n0, p_len,
             Q, DO, LSE2, DELTA, MASK, PBIAS + b * s_bb, G, sq, skv, hk,
             s_qh, s_qm, s_qd, s_doh, s_dom, s_dod, s_lh, s_mh, s_mm, s_mn, s_bh, s_bm, s_bn, qk_scale, cap, d, d_ok,
             False, False, HAS_PREFIX_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N, BLOCK_D, BLOCK_M)
@@ -215,29 +231,28 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, lo, hi, last_key, row_ok, d_ok,
-              mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+def _dq_tiles(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, last_key, row_ok, d, d_ok,
+              MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
               MASKED: tl.constexpr, BAND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add to dq [BM, BD] (unscaled) the keys [lo, hi) of the rows q, dO [BM, BD]; pointers and MASKED / BAND as in
-    `attend_tiles`."""
-    kt_ptrs += key_offsets(lo, s_kn)
-    vt_ptrs += key_offsets(lo, s_vn)
-    if HAS_MASK:
-        mask_ptrs += key_offsets(lo, s_mn)
-    if HAS_BIAS:
-        bias_ptrs += key_offsets(lo, s_bn)
+    """Add to dq [BM, BD] (unscaled) the keys [lo, hi) of the rows q, dO [BM, BD]; arguments and MASKED / BAND as
+    in `attend_tiles`."""
+    keys = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        kt = load_tile(kt_ptrs, d_ok, n < hi, not EVEN_D, MASKED)  # [BD, BN]
-        vt = load_tile(vt_ptrs, d_ok, n < hi, not EVEN_D, MASKED)
+        n = n0 + keys
+        kt = load_tile(K + key_offsets(n0, s_kn) + keys[None, :] * s_kn + d[:, None] * s_kd, d_ok, n < hi,
+                       not EVEN_D, MASKED)  # [BD, BN]
+        vt = load_tile(V + key_offsets(n0, s_vn) + keys[None, :] * s_vn + d[:, None] * s_vd, d_ok, n < hi,
+                       not EVEN_D, MASKED)
         s = tl.dot(q, kt, input_precision=PRECISION)  # [BM, BN]
         if HAS_SOFTCAP or HAS_BIAS:
             s = capped(s * qk_scale, cap, HAS_SOFTCAP)
             if HAS_SOFTCAP:
                 slope = 1.0 - (s / cap) * (s / cap)  # d capped / d logit = 1 - tanh^2
             if HAS_BIAS:
-                s += load_tile(bias_ptrs, row_ok, n < hi, True, MASKED).to(tl.float32) * 1.4426950408889634
+                bias = load_tile(BIAS + key_offsets(n0, s_bn) + bias_rows[:, None] + keys[None, :] * s_bn, row_ok,
+                                 n < hi, True, MASKED)
+                s += bias.to(tl.float32) * 1.4426950408889634
             scale = 1.0
         else:
             scale = qk_scale
@@ -248,6 +263,7 @@ def _dq_tiles(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, lo, hi, last_
                 if BAND:
                     visible = visible & (n[None, :] <= last_key[:, None])
             if HAS_MASK:
+                mask_ptrs = MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn
                 visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[:, None], other=0) != 0)
             s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(tl.fma(s, scale, -lse[:, None]))
@@ -255,27 +271,21 @@ def _dq_tiles(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, lo, hi, last_
         if HAS_SOFTCAP:
             ds = ds * slope
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-        kt_ptrs += BLOCK_N * s_kn
-        vt_ptrs += BLOCK_N * s_vn
-        if HAS_MASK:
-            mask_ptrs += BLOCK_N * s_mn
-        if HAS_BIAS:
-            bias_ptrs += BLOCK_N * s_bn
     return dq
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, lo, hi, full_end, last_key, row_ok, d_ok,
-             mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+def _dq_keys(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, full_end, last_key, row_ok, d, d_ok,
+             MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
              BAND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi), every row seeing those < full_end: whole tiles before full_end without masks, then the rest."""
     mid = mask_free_end(lo, hi, full_end, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, lo, mid, last_key, row_ok, d_ok,
-                   mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, lo, mid, last_key, row_ok, d, d_ok,
+                   MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                    False, False, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
-    return _dq_tiles(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, s_kn, s_vn, mid, hi, last_key, row_ok, d_ok,
-                     mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+    return _dq_tiles(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, mid, hi, last_key, row_ok, d, d_ok,
+                     MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                      True, BAND, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
 
 
@@ -328,18 +338,15 @@ def _dq_kernel(
     lse = tl.load(LSE2 + stats, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    keys = tl.arange(0, BLOCK_N)
-    mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[:, None] + keys[None, :] * s_mn
-    bias_rows = row_offsets(i, h, s_bm, s_bh)[:, None] + keys[None, :] * s_bn
+    mask_rows = row_offsets(i, h, s_mm, s_mh)
+    bias_rows = row_offsets(i, h, s_bm, s_bh)
 
-    dq = _dq_keys(dq, q, do, lse, delta, PK + keys[None, :] * s_pkn + d[:, None] * s_pkd,
-                  PV + keys[None, :] * s_pvn + d[:, None] * s_pvd, s_pkn, s_pvn, 0, p_len, p_len, i, row_ok, d_ok,
-                  mask_ptrs, s_mn, PBIAS + bias_rows, s_bn, qk_scale, cap,
+    dq = _dq_keys(dq, q, do, lse, delta, PK, PV, s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, i, row_ok, d, d_ok,
+                  MASK, mask_rows, s_mn, PBIAS, bias_rows, s_bn, qk_scale, cap,
                   False, False, HAS_PREFIX_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
     full_end, end = causal_span(first, G, sq, skv, CAUSAL, BLOCK_M)
-    dq = _dq_keys(dq, q, do, lse, delta, K + keys[None, :] * s_kn + d[:, None] * s_kd,
-                  V + keys[None, :] * s_vn + d[:, None] * s_vd, s_kn, s_vn, 0, end, full_end, skv - sq + i, row_ok,
-                  d_ok, mask_ptrs, s_mn, BIAS + bias_rows, s_bn, qk_scale, cap,
+    dq = _dq_keys(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, 0, end, full_end, skv - sq + i, row_ok, d,
+                  d_ok, MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                   CAUSAL, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
     tl.store(DQ + row_offsets(i, h, s_dqm, s_dqh)[:, None] + d[None, :] * s_dqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

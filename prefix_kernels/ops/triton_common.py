@@ -12,6 +12,7 @@ launcher guarantees cannot overflow (`tileable`).
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,13 +28,37 @@ MAX_TILE_STRIDE = 2**31 // 256
 
 # ---- autotuning --------------------------------------------------------------------------------------------------
 
-def autotune_configs(names, entries):
-    """One `triton.Config` per entry `(*block sizes, num_warps, num_stages)`, the block sizes named by `names`.
-    Under the interpreter, one small config: it runs every config it is given, and CI needs only one."""
+class Tile(NamedTuple):
+    """One autotune entry and where it may run: the kernel's two block sizes (in the order its config names them),
+    warps, pipeline stages, and the largest BLOCK_D at which it compiles without register spills in fp16/bf16 — on
+    sm_8x and on sm_9x and later — for the plain kernel (`max_d`) and for one that also reads a mask or a bias,
+    soft-caps its logits or runs packed sequences (`max_d_heavy`). 0: never. tests/compile_gate.py checks them."""
+
+    blocks: tuple[int, int]
+    num_warps: int
+    num_stages: int
+    max_d: tuple[int, int]
+    max_d_heavy: tuple[int, int]
+
+
+# Let ptxas give a thread every register it can have: left to itself it holds 8-warp programs to 128 registers
+# (two programs per SM) and spills to get there.
+MAX_REGISTERS = 255
+
+
+def autotune_configs(names, tiles: list[Tile]):
+    """One `triton.Config` per tile, its block sizes named by `names`. Under the interpreter, one small config: it
+    runs every config it is given, and CI needs only one."""
     if INTERPRETED:
         return [triton.Config(dict.fromkeys(names, 16), num_warps=4, num_stages=1)]
-    return [triton.Config(dict(zip(names, entry[:-2])), num_warps=entry[-2], num_stages=entry[-1])
-            for entry in entries]
+    return [triton.Config(dict(zip(names, tile.blocks)), num_warps=tile.num_warps, num_stages=tile.num_stages,
+                          maxnreg=MAX_REGISTERS) for tile in tiles]
+
+
+def gpu_arch(t: torch.Tensor) -> int:
+    """The compute capability of the GPU holding `t`, as 10 * major + minor (80 for A100, 90 for H100)."""
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 # The autotune key of the attention kernels, and their size arguments that are not specialised (they may be 1).
@@ -47,15 +72,18 @@ def tune_bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-def prune_tiles(configs, tiles, first: int, second: int, kwargs: dict):
-    """The configs a launch can use, from `tiles`, the entries the configs were made from, in order
-    `(first block, second block, warps, stages, largest BLOCK_D)`: a head dim within the entry's limit, and blocks
-    no larger than the `first` / `second` extents they tile (rounded up to powers of two). float32, a correctness
-    path on GPUs rather than a fast one, gets only the smallest. Never empty."""
-    allowed = [(c, t) for c, t in zip(configs, tiles) if kwargs["BLOCK_D"] <= t[-1]]
+def prune_tiles(configs, tiles: list[Tile], first: int, second: int, kwargs: dict):
+    """The configs a launch can use, `configs` having been made from `tiles` in order: those whose head dim limit
+    on this GPU (for this kernel's features) takes BLOCK_D, and whose blocks are no larger than the `first` /
+    `second` extents they tile (rounded up to powers of two). float32, a correctness path on GPUs rather than a
+    fast one, gets only the last tile. Never empty: the last tile of every list takes every head dim."""
+    heavy = any(kwargs[flag] for flag in ("HAS_MASK", "HAS_BIAS", "HAS_PREFIX_BIAS", "HAS_SOFTCAP", "PACKED"))
+    column = 1 if gpu_arch(kwargs["Q"]) >= 90 else 0
+    allowed = [(c, t) for c, t in zip(configs, tiles)
+               if kwargs["BLOCK_D"] <= (t.max_d_heavy if heavy else t.max_d)[column]]
     if kwargs["Q"].dtype == torch.float32:
         return [allowed[-1][0]]
-    kept = [c for c, t in allowed if t[0] <= tune_bucket(first) and t[1] <= tune_bucket(second)]
+    kept = [c for c, t in allowed if t.blocks[0] <= tune_bucket(first) and t.blocks[1] <= tune_bucket(second)]
     return kept or [allowed[-1][0]]
 
 
@@ -145,32 +173,33 @@ def load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
-def attend_tiles(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, lo, hi, last_key, row_ok, d_ok,
-                 mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+def attend_tiles(q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, last_key, row_ok, d, d_ok,
+                 MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                  MASKED: tl.constexpr, BAND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr):
-    """Fold keys [lo, hi) into the running softmax (m_i, l_i, acc) of the query rows q [BM, BD].
+    """Fold keys [lo, hi) of K, V (pointers at key 0) into the running softmax (m_i, l_i, acc) of the query rows
+    q [BM, BD]. The mask and bias are read at their rows' int64 offsets `mask_rows` / `bias_rows` [BM].
 
-    kt_ptrs [BD, BN] and v_ptrs [BN, BD] point at keys 0..BN; mask_ptrs / bias_ptrs [BM, BN] likewise. Unless
-    MASKED, every key of every tile is visible: no bounds and no causal test. MASKED hides keys >= hi and, with
-    BAND, keys past each row's causal edge `last_key` [BM]. The mask and bias apply wherever they are given.
+    Unless MASKED, every key of every tile is visible: no bounds, no causal test. MASKED hides keys >= hi and,
+    with BAND, keys past each row's causal edge `last_key` [BM]. The mask and bias apply wherever they are given.
+    Pointers are rebuilt from a scalar tile start each step (a loop-carried pointer tensor would hold a register
+    per element).
     """
-    kt_ptrs += key_offsets(lo, s_kn)
-    v_ptrs += key_offsets(lo, s_vn)
-    if HAS_MASK:
-        mask_ptrs += key_offsets(lo, s_mn)
-    if HAS_BIAS:
-        bias_ptrs += key_offsets(lo, s_bn)
+    keys = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        kt = load_tile(kt_ptrs, d_ok, n < hi, not EVEN_D, MASKED)  # [BD, BN]
-        v = load_tile(v_ptrs, n < hi, d_ok, MASKED, not EVEN_D)  # [BN, BD]
+        n = n0 + keys
+        kt = load_tile(K + key_offsets(n0, s_kn) + keys[None, :] * s_kn + d[:, None] * s_kd, d_ok, n < hi,
+                       not EVEN_D, MASKED)  # [BD, BN]
+        v = load_tile(V + key_offsets(n0, s_vn) + keys[:, None] * s_vn + d[None, :] * s_vd, n < hi, d_ok,
+                      MASKED, not EVEN_D)  # [BN, BD]
         s = tl.dot(q, kt, input_precision=PRECISION)  # [BM, BN]
         if HAS_SOFTCAP or HAS_BIAS:
             s = capped(s * qk_scale, cap, HAS_SOFTCAP)  # base-2 logits from here on
             if HAS_BIAS:
-                s += load_tile(bias_ptrs, row_ok, n < hi, True, MASKED).to(tl.float32) * 1.4426950408889634
+                bias = load_tile(BIAS + key_offsets(n0, s_bn) + bias_rows[:, None] + keys[None, :] * s_bn, row_ok,
+                                 n < hi, True, MASKED)
+                s += bias.to(tl.float32) * 1.4426950408889634
             scale = 1.0
         else:
             scale = qk_scale  # folded into the exponent's FMA below
@@ -181,6 +210,7 @@ def attend_tiles(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, lo, hi, last_key
                 if BAND:
                     visible = visible & (n[None, :] <= last_key[:, None])
             if HAS_MASK:
+                mask_ptrs = MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn
                 visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[:, None], other=0) != 0)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
@@ -193,28 +223,22 @@ def attend_tiles(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, lo, hi, last_key
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-        kt_ptrs += BLOCK_N * s_kn
-        v_ptrs += BLOCK_N * s_vn
-        if HAS_MASK:
-            mask_ptrs += BLOCK_N * s_mn
-        if HAS_BIAS:
-            bias_ptrs += BLOCK_N * s_bn
     return m_i, l_i, acc
 
 
 @triton.jit
-def attend(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, lo, hi, full_end, last_key, row_ok, d_ok,
-           mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+def attend(q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, full_end, last_key, row_ok, d, d_ok,
+           MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
            BAND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
            EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi), of which every row sees those < full_end: whole tiles before full_end without masks, the rest
     (the causal band, a ragged last tile) with them."""
     mid = mask_free_end(lo, hi, full_end, BLOCK_N)
-    m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, lo, mid, last_key, row_ok, d_ok,
-                                 mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+    m_i, l_i, acc = attend_tiles(q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, lo, mid, last_key, row_ok, d, d_ok,
+                                 MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                                  False, False, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
-    return attend_tiles(q, m_i, l_i, acc, kt_ptrs, v_ptrs, s_kn, s_vn, mid, hi, last_key, row_ok, d_ok,
-                        mask_ptrs, s_mn, bias_ptrs, s_bn, qk_scale, cap,
+    return attend_tiles(q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, mid, hi, last_key, row_ok, d, d_ok,
+                        MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
                         True, BAND, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
 
 

@@ -53,13 +53,13 @@ class DecodeTile:
 
 def decode_tile(block_d: int, block_m: int) -> DecodeTile:
     """Keys per tile, warps and pipeline stages of the split kernel for BLOCK_D and BLOCK_M (= G * Sq rounded up),
-    chosen ahead of time (tests/test_compile_gate.py) for no register spills in fp16/bf16 and several programs
-    resident per SM: small K/V tiles in two or three stages keep shared memory low, more warps hold more rows."""
+    checked ahead of time (tests/compile_gate.py) for no register spills in fp16/bf16 and several programs resident
+    per SM: K/V stages of about 16 KB (so three of them leave room for several programs), four warps, and eight
+    (with two stages) once the [BLOCK_M, BLOCK_D] fp32 accumulator reaches 8192 values."""
     if INTERPRETED:
         return DecodeTile(16, 4, 1)
-    block_n = 32 if block_d >= 256 or block_m >= 128 else 64
-    num_warps = 8 if block_m * block_d >= 64 * 256 else 4
-    return DecodeTile(block_n, num_warps, 2 if block_d >= 128 else 3)
+    wide = block_m * block_d >= 8192
+    return DecodeTile(block_n=64 if block_d <= 64 else 32, num_warps=8 if wide else 4, num_stages=2 if wide else 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,20 +129,17 @@ def _split_kernel(
 
     q = load_tile(Q + row_offsets(i, h, s_qm, s_qh)[:, None] + d[None, :] * s_qd, row_ok, d_ok, True, not EVEN_D)
     m_i, l_i, acc = empty_softmax(BLOCK_M, BLOCK_D)
-    keys = tl.arange(0, BLOCK_N)
-    mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[:, None] + keys[None, :] * s_mn
-    bias_rows = row_offsets(i, h, s_bm, s_bh)[:, None] + keys[None, :] * s_bn
+    mask_rows = row_offsets(i, h, s_mm, s_mh)
+    bias_rows = row_offsets(i, h, s_bm, s_bh)
     m_i, l_i, acc = attend(
-        q, m_i, l_i, acc, PK + keys[None, :] * s_pkn + d[:, None] * s_pkd,
-        PV + keys[:, None] * s_pvn + d[None, :] * s_pvd,
-        s_pkn, s_pvn, tl.minimum(lo, P), tl.minimum(hi, p_len), p_len, i, row_ok, d_ok, mask_ptrs, s_mn,
-        PBIAS + bias_rows, s_bn, qk_scale, cap, False, False, HAS_PREFIX_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
+        q, m_i, l_i, acc, PK, PV, s_pkn, s_pkd, s_pvn, s_pvd, tl.minimum(lo, P), tl.minimum(hi, p_len), p_len, i,
+        row_ok, d, d_ok, MASK, mask_rows, s_mn, PBIAS, bias_rows, s_bn, qk_scale, cap,
+        False, False, HAS_PREFIX_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
     full_end, end = causal_span(0, G, sq, skv, CAUSAL, BLOCK_M)
     m_i, l_i, acc = attend(
-        q, m_i, l_i, acc, K + keys[None, :] * s_kn + d[:, None] * s_kd, V + keys[:, None] * s_vn + d[None, :] * s_vd,
-        s_kn, s_vn, tl.maximum(lo - P, 0), tl.minimum(hi - P, end), full_end, skv - sq + i, row_ok, d_ok,
-        mask_ptrs, s_mn, BIAS + bias_rows, s_bn, qk_scale, cap, CAUSAL, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D,
-        PRECISION, BLOCK_N)
+        q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, tl.maximum(lo - P, 0), tl.minimum(hi - P, end), full_end,
+        skv - sq + i, row_ok, d, d_ok, MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
+        CAUSAL, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
 
     o, lse = finish_rows(m_i, l_i, acc)
     part = (bh.to(tl.int64) * SPLITS + split) * (G * SQ) + tl.arange(0, BLOCK_M)
@@ -199,14 +196,14 @@ def _sm_limits(device: torch.device) -> tuple[SMLimits, int]:
     return limits, props.multi_processor_count
 
 
-_resident: dict = {}  # (device, compile-time arguments) -> programs one GPU keeps resident
+_resident: dict = {}  # (device, dtype, tile, constexpr arguments) -> programs the GPU keeps resident
 
 
 def _resident_programs(kwargs: dict, device: torch.device, tile: DecodeTile) -> int:
     """Programs of the split kernel the GPU keeps resident at once, from its compiled registers and shared memory
     (compiled once per specialisation, without launching)."""
-    key = (device, tile, *((name, str(value)) for name, value in kwargs.items() if not isinstance(value, int | float)
-                           or name.isupper()))
+    constexprs = tuple(kwargs[param.name] for param in _split_kernel.params if param.is_constexpr)
+    key = (device, kwargs["Q"].dtype, tile, constexprs)
     if key not in _resident:
         kernel = _split_kernel.warmup(**kwargs, grid=(1,), num_warps=tile.num_warps, num_stages=tile.num_stages)
         kernel._init_handles()  # loads the binary: its register count (as Triton's fused-softmax tutorial reads it)

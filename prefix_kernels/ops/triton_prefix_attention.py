@@ -12,7 +12,15 @@ heaviest tiles (the last rows, which see the most causal keys).
 
 Decode shapes (few query rows per KV head) take the split-KV kernel of `triton_decode.py` instead; both write O
 and LSE, which is all the backward needs.
+
+Each kernel autotunes over its own tile list, keyed on the head dim, causal, the mask, and Sq and Skv rounded up to
+powers of two; the lists are pruned per GPU generation and head dim to the tiles that compile without register
+spills (`tests/compile_gate.py`), and to the blocks the shape can fill. The first call at a new key benchmarks its
+tiles (and so waits for the GPU): run one before capturing a CUDA graph. Nothing else reads the device on the
+host.
 """
+
+import contextlib
 
 import torch
 import triton
@@ -23,6 +31,7 @@ from .problem import AttentionProblem
 from .triton_common import (
     SIZES,
     TUNE_KEY,
+    Tile,
     attend,
     autotune_configs,
     causal_span,
@@ -38,12 +47,16 @@ from .triton_common import (
     tune_bucket,
 )
 
-# (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D): rows x keys per tile. Each entry is checked ahead of time
-# for sm_80 and sm_90 (tests/test_compile_gate.py): no register spills up to its largest head dim in fp16/bf16,
-# and shared memory that fits; an entry over one GPU's shared memory is skipped there by the autotuner.
+# Tiles of (BLOCK_M rows, BLOCK_N keys), largest first: Hopper gets the 128-row and 128-key ones; the last, the
+# smallest, takes every head dim (float32 included).
 FORWARD_TILES = [
-    (128, 128, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 4, 2, 64), (64, 64, 4, 3, 128), (64, 32, 4, 2, 256),
-    (32, 64, 4, 2, 256),
+    Tile((128, 128), 8, 2, max_d=(0, 64), max_d_heavy=(0, 0)),
+    Tile((128, 64), 8, 2, max_d=(64, 128), max_d_heavy=(64, 64)),
+    Tile((64, 128), 8, 2, max_d=(64, 64), max_d_heavy=(64, 64)),
+    Tile((64, 64), 8, 2, max_d=(128, 128), max_d_heavy=(64, 128)),
+    Tile((32, 64), 4, 2, max_d=(128, 128), max_d_heavy=(64, 64)),
+    Tile((32, 64), 8, 2, max_d=(256, 256), max_d_heavy=(256, 256)),
+    Tile((32, 32), 4, 1, max_d=(256, 256), max_d_heavy=(256, 256)),
 ]
 FORWARD_CONFIGS = autotune_configs(("BLOCK_M", "BLOCK_N"), FORWARD_TILES)
 
@@ -95,22 +108,20 @@ def _forward_kernel(
     q = load_tile(Q + row_offsets(i, h, s_qm, s_qh)[:, None] + d[None, :] * s_qd, row_ok, d_ok,
                   True, not EVEN_D)  # [BM, BD]
     m_i, l_i, acc = empty_softmax(BLOCK_M, BLOCK_D)
-    keys = tl.arange(0, BLOCK_N)
-    mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[:, None] + keys[None, :] * s_mn  # [BM, BN]
-    bias_rows = row_offsets(i, h, s_bm, s_bh)[:, None] + keys[None, :] * s_bn
+    mask_rows = row_offsets(i, h, s_mm, s_mh)
+    bias_rows = row_offsets(i, h, s_bm, s_bh)
 
     # The prefix: every key visible to every row.
     m_i, l_i, acc = attend(
-        q, m_i, l_i, acc, PK + keys[None, :] * s_pkn + d[:, None] * s_pkd,
-        PV + keys[:, None] * s_pvn + d[None, :] * s_pvd,
-        s_pkn, s_pvn, 0, p_len, p_len, i, row_ok, d_ok, mask_ptrs, s_mn, PBIAS + bias_rows, s_bn, qk_scale, cap,
+        q, m_i, l_i, acc, PK, PV, s_pkn, s_pkd, s_pvn, s_pvd, 0, p_len, p_len, i, row_ok, d, d_ok,
+        MASK, mask_rows, s_mn, PBIAS, bias_rows, s_bn, qk_scale, cap,
         False, False, HAS_PREFIX_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
     # The sequence: keys every row sees without masks, then the causal band; nothing past the last row's edge.
     full_end, end = causal_span(first, G, sq, skv, CAUSAL, BLOCK_M)
     m_i, l_i, acc = attend(
-        q, m_i, l_i, acc, K + keys[None, :] * s_kn + d[:, None] * s_kd, V + keys[:, None] * s_vn + d[None, :] * s_vd,
-        s_kn, s_vn, 0, end, full_end, skv - sq + i, row_ok, d_ok, mask_ptrs, s_mn, BIAS + bias_rows, s_bn,
-        qk_scale, cap, CAUSAL, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
+        q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, 0, end, full_end, skv - sq + i, row_ok, d, d_ok,
+        MASK, mask_rows, s_mn, BIAS, bias_rows, s_bn, qk_scale, cap,
+        CAUSAL, HAS_MASK, HAS_BIAS, HAS_SOFTCAP, EVEN_D, PRECISION, BLOCK_N)
 
     o, lse = finish_rows(m_i, l_i, acc)
     tl.store(O + row_offsets(i, h, s_om, s_oh)[:, None] + d[None, :] * s_od, o.to(O.dtype.element_ty),
@@ -141,10 +152,17 @@ def forward(p: AttentionProblem):
     b, hq, sq, d = p.q.shape
     if p.q.numel() == 0 or p.rows == 0:
         return p.q.new_zeros(b, sq, hq, d), p.q.new_full((b, hq, sq), float("-inf"), dtype=torch.float32)
-    o, lse = triton_decode.decode_forward(p) if triton_decode.takes(p) else _forward(p)
+    with _on_device(p.q):
+        o, lse = triton_decode.decode_forward(p) if triton_decode.takes(p) else _forward(p)
     return o.transpose(1, 2), lse
 
 
 def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
     """Backend "triton": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
-    return triton_backward.backward(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
+    with _on_device(p.q):
+        return triton_backward.backward(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
+
+
+def _on_device(t: torch.Tensor):
+    """Make t's GPU the current one: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
