@@ -46,6 +46,8 @@ INTERPRETED_PROGRAMS = 8  # a notional GPU for the interpreter, small enough tha
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTile:
+    """The split kernel's launch shape: keys per tile, warps, software-pipeline stages."""
+
     block_n: int
     num_warps: int
     num_stages: int
