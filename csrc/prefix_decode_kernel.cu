@@ -2,10 +2,12 @@
 //
 // Split kernel, grid (B * Hkv * row_chunks, num_splits): a block takes the query rows of one GQA group (the
 // Hq / Hkv heads sharing a KV head, times Sq; up to kRowsPerBlock of them) and one split of the keys. Split 0
-// is the prefix, read from its own tensor (batch stride 0 when shared, through prefix_index for a bank); the
-// other splits are equal ranges of the sequence keys. The block stages 32 keys at a time in shared memory with
-// 128-bit loads, so each K/V byte is read once for the whole group, and runs an online softmax in base 2 with
-// fp32 accumulators. It writes its normalised output and log2-sum-exp2 per query row.
+// is the prefix, read from its own tensor (batch stride 0 when shared, through prefix_index for a bank; a row
+// sees its first prefix_lengths[b] keys when lengths are given); the other splits are equal ranges of the
+// sequence keys. The block stages 32 keys at a time in shared memory through a cp.async pipeline of kStages
+// buffers (the next tiles load while this one is computed), so each K/V byte is read once for the whole group,
+// and runs an online softmax in base 2 with fp32 accumulators. It writes its normalised output and
+// log2-sum-exp2 per query row.
 //
 // Combine kernel: one warp per query row weighs the splits by their log-sum-exp and writes o and lse.
 
@@ -21,6 +23,8 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
+// Registers for three resident split blocks per SM (12 warps): what shared memory allows at D = 128 on H100.
+constexpr int kMinBlocksPerSm = 3;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Two 16-bit values in a 32-bit word, to and from fp32.
@@ -87,25 +91,64 @@ __device__ float warp_sum(float x) {
   return x;
 }
 
+// Asynchronous 16-byte copies global -> shared (sm_80+), grouped so a block can wait for all but the newest.
+__device__ void cp_async16(void* shared, const void* global) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+}
+
+__device__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Pipeline depth: three tiles in flight; two at D = 256, where a stage is twice as large.
+__host__ __device__ constexpr int stages_for(int head_dim) { return head_dim >= 256 ? 2 : 3; }
+
+// Dynamic shared memory of the split kernel: kStages K and V tiles of kKeysPerTile keys, each key padded by one
+// 16-byte word (the 32 lanes that each read a different key then hit different banks).
+__host__ __device__ constexpr int kv_shared_bytes(int head_dim) {
+  return 2 * stages_for(head_dim) * kKeysPerTile * (head_dim / 8 + 1) * static_cast<int>(sizeof(uint4));
+}
+
 // Element [b, h, 0, 0] of a strided tensor; int64 offsets.
 template <typename T>
 __device__ const T* head_base(const Strided& t, int64_t b, int64_t h) {
   return static_cast<const T*>(t.data) + b * t.stride_b + h * t.stride_h;
 }
 
+// One tile of K/V (keys n0 .. n0 + 32, those before `end`) into shared memory, asynchronously; consecutive threads
+// copy consecutive 16-byte words of a key row (coalesced). A ragged last tile leaves stale words past its keys,
+// which the kernel's masks skip.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
+__device__ void load_tile(uint4 (&k_tile)[kKeysPerTile][D / 8 + 1], uint4 (&v_tile)[kKeysPerTile][D / 8 + 1],
+                          const T* k_base, const T* v_base, int64_t k_step, int64_t v_step, int n0, int end) {
+  constexpr int kWords = D / 8;
+  const int tile_keys = min(kKeysPerTile, end - n0);
+  for (int u = threadIdx.x; u < tile_keys * kWords; u += kThreads) {
+    const int j = u / kWords, w = u % kWords;
+    cp_async16(&k_tile[j][w], reinterpret_cast<const uint4*>(k_base + (n0 + j) * k_step) + w);
+    cp_async16(&v_tile[j][w], reinterpret_cast<const uint4*>(v_base + (n0 + j) * v_step) + w);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) split_kernel(const Params p) {
   constexpr int kWords = D / 8;                 // 128-bit words per key or query row
+  constexpr int kStages = stages_for(D);
   constexpr int kRowsPerWarp = kRowsPerBlock / kWarps;
   constexpr int kRowLanes = kThreads / kWords;  // P.V: threads sharing a word column, each on its own rows
   constexpr int kRowsPerThread = kRowsPerBlock / kRowLanes;
   static_assert(kKeysPerTile == 32, "the softmax gives each lane of a warp one key of the tile");
   static_assert(kThreads % kWords == 0 && kRowsPerBlock % kRowLanes == 0, "P.V threads must tile the rows");
 
+  using KeyTile = uint4[kKeysPerTile][kWords + 1];  // [keys, D] one tile, padded (see kv_shared_bytes)
+  extern __shared__ uint4 s_kv[];
+  KeyTile* s_k = reinterpret_cast<KeyTile*>(s_kv);  // [kStages] tiles of keys, then of values
+  KeyTile* s_v = s_k + kStages;
   __shared__ uint4 s_q[kRowsPerBlock][kWords];  // [rows, D] the group's queries
-  // [keys, D] one tile; the extra word per key staggers banks for the 32 lanes that each read a different key.
-  __shared__ uint4 s_k[kKeysPerTile][kWords + 1];
-  __shared__ uint4 s_v[kKeysPerTile][kWords + 1];
   __shared__ float s_p[kRowsPerBlock][kKeysPerTile + 1];  // [rows, keys] the tile's probabilities
   __shared__ float s_row_scale[kRowsPerBlock];  // the running-max correction of a tile, at the end 1 / sum
 
@@ -135,6 +178,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   int64_t k_step, v_step;
   if (is_prefix) {
     const int64_t entry = p.prefix_index ? p.prefix_index[b] : b;  // a shared prefix has stride_b = 0
+    if (p.prefix_lengths) end = static_cast<int>(p.prefix_lengths[b]);  // checked to lie in [0, P]
     k_base = head_base<T>(p.pk, entry, h_kv);
     v_base = head_base<T>(p.pv, entry, h_kv);
     k_step = p.pk.stride_n;
@@ -147,6 +191,17 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
     k_step = p.k.stride_n;
     v_step = p.v.stride_n;
   }
+  const int tiles = end > begin ? (end - begin + kKeysPerTile - 1) / kKeysPerTile : 0;
+
+  // Prologue: the first kStages - 1 tiles in flight. Every step commits one group (empty past the last tile),
+  // so "all groups but the newest kStages - 1 are done" always means "tile t has landed".
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < tiles) {
+      load_tile<T, D>(s_k[t % kStages], s_v[t % kStages], k_base, v_base, k_step, v_step, begin + t * kKeysPerTile,
+                      end);
+    }
+    cp_async_commit();
+  }
 
   float acc[kRowsPerThread][8] = {};  // P.V: this thread's 8 output columns of its rows, unnormalised
   float run_max[kRowsPerWarp], run_sum[kRowsPerWarp];  // softmax: the rows of this warp
@@ -157,15 +212,18 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   }
   const int word = tid % kWords, row_lane = tid / kWords;
 
-  for (int n0 = begin; n0 < end; n0 += kKeysPerTile) {
-    const int tile_keys = min(kKeysPerTile, end - n0);
-    // Consecutive threads load consecutive 16-byte words of a key row: coalesced.
-    for (int u = tid; u < tile_keys * kWords; u += kThreads) {
-      const int j = u / kWords, w = u % kWords;
-      s_k[j][w] = reinterpret_cast<const uint4*>(k_base + (n0 + j) * k_step)[w];
-      s_v[j][w] = reinterpret_cast<const uint4*>(v_base + (n0 + j) * v_step)[w];
+  for (int t = 0; t < tiles; ++t) {
+    const int next = t + kStages - 1;  // into the stage tile t - 1 has finished with
+    if (next < tiles) {
+      load_tile<T, D>(s_k[next % kStages], s_v[next % kStages], k_base, v_base, k_step, v_step,
+                      begin + next * kKeysPerTile, end);
     }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
     __syncthreads();
+    const KeyTile& k_tile = s_k[t % kStages];
+    const KeyTile& v_tile = s_v[t % kStages];
+    const int n0 = begin + t * kKeysPerTile, tile_keys = min(kKeysPerTile, end - n0);
 
     // Scores and online softmax: warp `warp` owns rows warp, warp + kWarps, ...; lane = key of the tile.
     const int n = n0 + lane;
@@ -186,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
         for (int w = 0; w < kWords; ++w) {
           float qf[8], kf[8];
           unpack8<T>(s_q[m][w], qf);
-          unpack8<T>(s_k[lane][w], kf);
+          unpack8<T>(k_tile[lane][w], kf);
 #pragma unroll
           for (int e = 0; e < 8; ++e) dot = fmaf(qf[e], kf[e], dot);
         }
@@ -214,13 +272,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
       for (int key = 0; key < tile_keys; ++key) {
         const float prob = s_p[m][key];
         float vf[8];
-        unpack8<T>(s_v[key][word], vf);
+        unpack8<T>(v_tile[key][word], vf);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(prob, vf[e], acc[j][e]);
       }
     }
-    __syncthreads();  // the next tile overwrites s_k, s_v, s_p
+    __syncthreads();  // the next step overwrites s_p and, with its loads, this tile's stage
   }
+  cp_async_wait<0>();  // no copy may outlive the block
 
   // The split's result per row: output normalised by its sum, and log2-sum-exp2 (0 and -inf if it saw no key).
 #pragma unroll
@@ -277,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
 template <typename T, int D>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
   const dim3 split_grid(p.batch * p.heads_kv * p.row_chunks, p.num_splits);
-  split_kernel<T, D><<<split_grid, kThreads, 0, stream>>>(p);
+  split_kernel<T, D><<<split_grid, kThreads, kv_shared_bytes(D), stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seq_q;
@@ -285,12 +344,46 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The split kernel asks for more than the default 48 KB of shared memory at D = 256; allow what it needs.
+template <typename T, int D>
+cudaError_t allow_shared(int* blocks_per_sm) {
+  cudaError_t err = cudaFuncSetAttribute(split_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kv_shared_bytes(D));
+  if (err != cudaSuccess || blocks_per_sm == nullptr) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, split_kernel<T, D>, kThreads,
+                                                       kv_shared_bytes(D));
+}
+
 template <int D>
 cudaError_t launch_dim(const Params& p, Dtype dtype, cudaStream_t stream) {
-  return dtype == Dtype::kHalf ? launch_typed<__half, D>(p, stream) : launch_typed<__nv_bfloat16, D>(p, stream);
+  if (dtype == Dtype::kHalf) {
+    const cudaError_t err = allow_shared<__half, D>(nullptr);
+    return err != cudaSuccess ? err : launch_typed<__half, D>(p, stream);
+  }
+  const cudaError_t err = allow_shared<__nv_bfloat16, D>(nullptr);
+  return err != cudaSuccess ? err : launch_typed<__nv_bfloat16, D>(p, stream);
+}
+
+template <int D>
+cudaError_t resident_dim(Dtype dtype, int* blocks_per_sm) {
+  return dtype == Dtype::kHalf ? allow_shared<__half, D>(blocks_per_sm)
+                               : allow_shared<__nv_bfloat16, D>(blocks_per_sm);
 }
 
 }  // namespace
+
+cudaError_t resident_blocks(Dtype dtype, int head_dim, int* blocks_per_sm) {
+  switch (head_dim) {
+    case 64:
+      return resident_dim<64>(dtype, blocks_per_sm);
+    case 128:
+      return resident_dim<128>(dtype, blocks_per_sm);
+    case 256:
+      return resident_dim<256>(dtype, blocks_per_sm);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t launch(const Params& params, Dtype dtype, int head_dim, cudaStream_t stream) {
   switch (head_dim) {

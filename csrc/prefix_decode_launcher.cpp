@@ -19,9 +19,6 @@
 
 namespace {
 
-// A split of the sequence keeps at least this many keys, so the partial it writes (D floats per query row)
-// stays small next to the K/V it reads.
-constexpr int64_t kMinSplitKeys = 256;
 constexpr int64_t kMaxInt = std::numeric_limits<int32_t>::max();
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -53,11 +50,14 @@ prefix_decode::Strided strided(const at::Tensor& t) {
 }  // namespace
 
 // q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; prefix_k, prefix_v [Hkv, P, D] shared, [B, Hkv, P, D] per row, or a
-// bank [N, Hkv, P, D] with prefix_index int64 [B]; key_mask bool [B or 1, Skv] (true = attend).
+// bank [N, Hkv, P, D] with prefix_index int64 [B]; prefix_lengths int64 [B] (row b sees its first
+// prefix_lengths[b] prefix keys, each in [0, P]; the caller checks the values); key_mask bool [B or 1, Skv]
+// (true = attend).
 // Returns o [B, Hq, Sq, D] in q's dtype and lse [B, Hq, Sq] float32 (natural log).
 std::vector<at::Tensor> prefix_decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                               const std::optional<at::Tensor>& prefix_index,
+                                              const std::optional<at::Tensor>& prefix_lengths,
                                               const std::optional<at::Tensor>& key_mask, bool causal,
                                               double scale) {
   TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
@@ -100,6 +100,15 @@ std::vector<at::Tensor> prefix_decode_forward(const at::Tensor& q, const at::Ten
                 "prefix_k: a 4-D prefix without prefix_index is one per row, expected first dim B=", batch, ", got ",
                 prefix_k.sizes());
   }
+  if (prefix_lengths) {
+    const at::Tensor& lengths = *prefix_lengths;
+    TORCH_CHECK(prefix_k.dim() == 4, "prefix_lengths: needs a per-row or bank prefix_k [N, Hkv, P, D], got ",
+                prefix_k.sizes());
+    TORCH_CHECK(lengths.device() == q.device() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
+                    lengths.size(0) == batch && lengths.is_contiguous(),
+                "prefix_lengths: expected a contiguous int64 [", batch, "] on ", q.device(), ", got ",
+                lengths.scalar_type(), " ", lengths.sizes(), " on ", lengths.device());
+  }
   if (key_mask) {
     const at::Tensor& mask = *key_mask;
     TORCH_CHECK(mask.device() == q.device() && mask.scalar_type() == at::kBool && mask.dim() == 2 &&
@@ -121,15 +130,19 @@ std::vector<at::Tensor> prefix_decode_forward(const at::Tensor& q, const at::Ten
   if (rows == 0) return {o, lse};
 
   // The plan: one block per (batch row, GQA group, chunk of 16 of its query rows) per split. Decode batches
-  // rarely fill the GPU on their own, so the sequence is split until there are about two waves of blocks.
+  // rarely fill the GPU on their own, so the sequence is split until one wave of resident blocks (the kernel's
+  // occupancy, as FlashInfer sizes its grid) is full, with no split shorter than kMinSplitKeys.
   const int64_t row_chunks = ceil_div(heads_q / heads_kv * seq_q, prefix_decode::kRowsPerBlock);
   const int64_t blocks = batch * heads_kv * row_chunks;
   TORCH_CHECK(blocks <= kMaxInt && rows <= kMaxInt, "q: too many query rows for one launch: ", rows);
-  int sm_count = 0;
+  const auto dtype = q.scalar_type() == at::kHalf ? prefix_decode::Dtype::kHalf : prefix_decode::Dtype::kBFloat16;
+  int sm_count = 0, blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()));
+  C10_CUDA_CHECK(prefix_decode::resident_blocks(dtype, static_cast<int>(head_dim), &blocks_per_sm));
   int64_t seq_splits = 0, split_len = prefix_decode::kKeysPerTile;
   if (seq_kv > 0) {
-    seq_splits = std::min(ceil_div(2 * sm_count, blocks), ceil_div(seq_kv, kMinSplitKeys));
+    const int64_t wave = std::max<int64_t>(blocks_per_sm, 1) * sm_count;
+    seq_splits = std::clamp<int64_t>(wave / blocks - 1, 1, ceil_div(seq_kv, prefix_decode::kMinSplitKeys));
     split_len = ceil_div(ceil_div(seq_kv, seq_splits), prefix_decode::kKeysPerTile) * prefix_decode::kKeysPerTile;
     seq_splits = ceil_div(seq_kv, split_len);
   }
@@ -144,6 +157,7 @@ std::vector<at::Tensor> prefix_decode_forward(const at::Tensor& q, const at::Ten
   params.pk = strided(prefix_k);
   params.pv = strided(prefix_v);
   params.prefix_index = prefix_index ? prefix_index->data_ptr<int64_t>() : nullptr;
+  params.prefix_lengths = prefix_lengths ? prefix_lengths->data_ptr<int64_t>() : nullptr;
   if (key_mask) {
     params.key_mask = reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>());
     params.key_mask_stride_b = key_mask->size(0) == 1 ? 0 : key_mask->stride(0);
@@ -165,7 +179,6 @@ std::vector<at::Tensor> prefix_decode_forward(const at::Tensor& q, const at::Ten
   params.o = o.data_ptr();
   params.lse = lse.data_ptr<float>();
 
-  const auto dtype = q.scalar_type() == at::kHalf ? prefix_decode::Dtype::kHalf : prefix_decode::Dtype::kBFloat16;
   C10_CUDA_CHECK(prefix_decode::launch(params, dtype, static_cast<int>(head_dim), c10::cuda::getCurrentCUDAStream()));
   return {o, lse};
 }

@@ -1,12 +1,16 @@
 """Backend "cuda" (csrc/): the sources compile and bad input is refused everywhere; on a GPU, the op's contract for
 decode shapes against the float64 oracle. The backend is forward-only, so FlashAttention's rule is applied to o."""
 
+import os
+import re
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 import torch
 from oracle import make_inputs, oracle_attention
+from torch.utils import cpp_extension
 
 from prefix_kernels import prefix_attention
 from prefix_kernels.ops import cuda_prefix_attention as backend
@@ -17,16 +21,37 @@ runnable = pytest.mark.skipif(WHY_NOT is not None, reason=f"backend 'cuda' canno
 
 
 def test_kernel_source_compiles_with_nvcc(tmp_path):
-    """The kernel file is torch-free, so CI without a GPU still proves it builds (for Hopper, sm_90)."""
+    """The kernel file is torch-free, so CI without a GPU still proves it builds for A100 (sm_80) and H100 (sm_90),
+    and that ptxas spills no register in any of its kernels."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
     obj = tmp_path / "prefix_decode_kernel.o"
-    cmd = [nvcc, "-c", "-O2", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
+    cmd = [nvcc, "-c", "-O2", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
+           "arch=compute_90,code=sm_90", "-Xptxas", "-warn-spills,-warn-lmem-usage",
            str(backend.CSRC / "prefix_decode_kernel.cu"), "-o", str(obj)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert obj.stat().st_size > 0
+    assert "spill" not in run.stderr and "Local memory" not in run.stderr, run.stderr
+
+
+def test_launcher_compiles_against_torch_headers(tmp_path):
+    """The launcher (TORCH_CHECKs, the split plan, the launch) type-checks against this torch's headers. A CPU build
+    of torch ships the CUDA headers but not the one CMake writes, so an empty stand-in takes its place."""
+    compiler, nvcc = shutil.which("c++") or shutil.which("g++"), shutil.which("nvcc")
+    if compiler is None or nvcc is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit")
+    (tmp_path / "c10/cuda/impl").mkdir(parents=True)
+    (tmp_path / "c10/cuda/impl/cuda_cmake_macros.h").touch()
+    dry_run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=60).stderr
+    cuda_includes = re.findall(r'-I"?([^" ]+)', re.search(r"INCLUDES=(.*)", dry_run).group(1))  # where nvcc looks
+    includes = [tmp_path, *cpp_extension.include_paths(), *cuda_includes, sysconfig.get_paths()["include"]]
+    cmd = [compiler, "-fsyntax-only", "-std=c++17", *(f"-I{path}" for path in includes),
+           str(backend.CSRC / "prefix_decode_launcher.cpp")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
 
 
 def _problem(dtype=torch.float16, d=64, sq=1, mask=None, grad=False, **extra):
@@ -42,7 +67,6 @@ REFUSED = [
     ("q", ValueError, "inference-only", dict(grad=True)),
     ("attention_mask", ValueError, r"key-padding mask .* got a mask of shape \[2, 1, 3, 9\]",
      dict(sq=3, mask=torch.ones(2, 1, 3, 9, dtype=torch.bool))),
-    ("prefix_lengths", ValueError, "does not take it", dict(prefix_lengths=torch.tensor([3, 1]))),
     ("attention_bias", ValueError, "does not take it", dict(attention_bias=torch.zeros(1, 1, 1, 9))),
     ("softcap", ValueError, "does not take it", dict(softcap=30.0)),
 ]
@@ -61,14 +85,16 @@ def test_key_padding_in_4d_form_is_accepted():
         backend.check(_problem(sq=3, mask=mask))
 
 
+def test_a_bank_of_adapters_of_different_lengths_is_taken():
+    backend.check(_problem(prefix_lengths=torch.tensor([3, 1])))
+
+
 def test_grad_inputs_are_fine_without_autograd():
     with torch.no_grad():
         backend.check(_problem(grad=True))
 
 
 def test_missing_pieces_are_named(monkeypatch):
-    from torch.utils import cpp_extension
-
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
@@ -92,10 +118,10 @@ def _on_gpu(tensors, mask, index, dtype):
     return low, (None if mask is None else mask.cuda()), (None if index is None else index.cuda())
 
 
-def assert_forward_within_twice_torch_error(low, mask, index, causal, scale=None):
+def assert_forward_within_twice_torch_error(low, mask, index, causal, scale=None, lengths=None):
     """FlashAttention's rule on the output: its error against float64 (on the same rounded inputs) is at most ~2x
     that of PyTorch doing the attention in q's dtype; lse to fp32 accuracy; a row that sees nothing is 0 / -inf."""
-    kwargs = dict(causal=causal, scale=scale, attention_mask=mask, prefix_index=index)
+    kwargs = dict(causal=causal, scale=scale, attention_mask=mask, prefix_index=index, prefix_lengths=lengths)
     with torch.no_grad():
         o, lse = prefix_attention(*low, **kwargs, return_lse=True, backend="cuda")
     ref_o, ref_lse = oracle_attention(*(t.double() for t in low), **kwargs)
@@ -174,3 +200,30 @@ def test_deterministic_and_inference_only():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True)) and not runs[0][0].requires_grad
     with pytest.raises(ValueError, match="^prefix_k: backend 'cuda' is inference-only"):
         prefix_attention(*low, attention_mask=mask, prefix_index=index, backend="cuda")
+
+
+@pytest.mark.gpu
+@runnable
+@pytest.mark.parametrize("d", [64, 256])
+def test_bank_of_adapters_of_different_lengths(d):
+    """Rows read bank entries of different lengths (one of them empty, with its sequence all padding)."""
+    tensors, mask, index = make_inputs(3, 16, 4, 2, 700, 37, d, "bank", "padding")
+    low, mask, index = _on_gpu(tensors, mask, index, torch.bfloat16)
+    lengths = torch.tensor([37, 0, 5], device="cuda")
+    assert_forward_within_twice_torch_error(low, mask, index, causal=True, lengths=lengths)
+
+
+@pytest.mark.gpu
+@runnable
+def test_decode_step_never_waits_for_the_gpu():
+    """After the first call (which builds the extension), a decode step makes no host-device synchronisation."""
+    tensors, mask, index = make_inputs(4, 32, 8, 1, 3000, 64, 128, "bank", "padding")
+    low, mask, index = _on_gpu(tensors, mask, index, torch.bfloat16)
+    lengths = torch.tensor([64, 1, 0, 17], device="cuda")
+    with torch.no_grad():
+        prefix_attention(*low, attention_mask=mask, prefix_index=index, prefix_lengths=lengths, backend="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            prefix_attention(*low, attention_mask=mask, prefix_index=index, prefix_lengths=lengths, backend="cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

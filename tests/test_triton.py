@@ -81,17 +81,41 @@ def test_head_dim_the_kernel_cannot_take():
         prefix_attention(q, k, v, pk, pk, backend="triton")
 
 
+# (B, Hq, Hkv, Sq, Skv, P, D, dtype): decode with a long cache, prefill, a head dim below its block (80), D = 256,
+# MQA; each head dim and dtype once, so the autotuner compiles few specialisations.
+GPU_CASES = [
+    (2, 32, 8, 1, 4099, 64, 128, torch.bfloat16), (2, 16, 4, 1023, 1023, 64, 64, torch.bfloat16),
+    (1, 8, 1, 333, 1000, 37, 80, torch.float16), (2, 8, 8, 256, 512, 16, 256, torch.bfloat16),
+    (4, 12, 4, 129, 129, 0, 128, torch.float16),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b, hq, hkv, sq, skv, p, d", [
-    (2, 32, 8, 1, 4099, 64, 128), (2, 16, 4, 1023, 1023, 64, 64), (1, 8, 1, 333, 1000, 37, 80),
-    (2, 8, 8, 256, 512, 16, 256), (4, 12, 4, 129, 129, 0, 96),
-])
-def test_gpu_realistic_shapes(dtype, b, hq, hkv, sq, skv, p, d):
+@pytest.mark.parametrize("b, hq, hkv, sq, skv, p, d, dtype", GPU_CASES, ids=["-".join(map(str, c)) for c in GPU_CASES])
+def test_gpu_realistic_shapes(b, hq, hkv, sq, skv, p, d, dtype):
     """FlashAttention's rule on the GPU: error at most ~2x that of PyTorch in the same dtype, for o and grads."""
     tensors, mask, _ = make_inputs(b, hq, hkv, sq, skv, p, d, "shared", "padding", dtype=torch.float64)
     assert_within_twice_torch_error([t.cuda() for t in tensors], mask.cuda(), dtype, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sq", [1, 300], ids=["decode", "prefill"])
+def test_forward_never_waits_for_the_gpu(sq):
+    """After the first call (compilation, autotuning), a forward makes no host-device synchronisation: the decode
+    step of a bank of adapters of different lengths, and a prefill."""
+    tensors, mask, index = make_inputs(4, 32, 8, sq, 3000, 64, 128, "bank", "padding", dtype=torch.bfloat16)
+    (q, k, v, pk, pv), mask, index = on_device(tensors, mask, index, "cuda")
+    lengths = torch.tensor([64, 1, 0, 17], device="cuda")
+    with torch.no_grad():
+        for debug_mode in ("default", "error"):
+            torch.cuda.set_sync_debug_mode(debug_mode)
+            try:
+                prefix_attention(q, k, v, pk, pv, attention_mask=mask, prefix_index=index, prefix_lengths=lengths,
+                                 backend="triton")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("sq, mask", [(1, "padding"), (4, "4d"), (16, None)])
@@ -100,3 +124,44 @@ def test_decode_kernel_with_many_splits(sq, mask):
     tensors, mask_t, index = make_inputs(1, 4, 1, sq, 70, 5, 16, "bank", mask, dtype=torch.float32)
     assert_matches_oracle(*on_device(tensors, mask_t, index, DEVICE), True, backend="triton", atol=2e-5,
                           lengths=torch.tensor([3], device=DEVICE))
+
+
+def _huge_view(storage: torch.Tensor, offset: int, shape, stride) -> torch.Tensor:
+    """A view of `storage` filled with random values (only the pages it touches become resident)."""
+    view = storage.as_strided(shape, stride, offset)
+    view.copy_(torch.randn(shape) if view.is_floating_point() else torch.rand(shape) > 0.3)
+    return view
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter reads CPU views in place")
+@pytest.mark.parametrize("sq", [1, 17], ids=["decode", "prefill"])
+def test_offsets_past_2_31_elements(sq):
+    """Strided views whose element offsets pass 2^31 through position x stride terms: queries 16 and later of q
+    (position stride 2^27), keys 257 and later of k and v (position stride just under the largest one a tile walks
+    in int32), rows 16 and later of a 4-D mask. Every such term must be computed in int64, forward and backward.
+    The views live in storages of 2^31 + 2^29 elements that are never touched beyond them."""
+    from prefix_kernels.ops.triton_common import MAX_TILE_STRIDE
+
+    skv, d = 300, 16
+    storage = torch.empty(2**31 + 2**29)  # virtual: only the touched pages are real
+    key_stride = MAX_TILE_STRIDE - 32
+    k = _huge_view(storage, 0, (1, 1, skv, d), (0, 0, key_stride, 1))
+    v = _huge_view(storage, d, (1, 1, skv, d), (0, 0, key_stride, 1))
+    q = _huge_view(storage, 4 * d, (1, 2, sq, d), (0, d, 2**27, 1))
+    assert (sq - 1) * 2**27 + 4 * d >= 2**31 or sq == 1
+    assert (skv - 1) * key_stride >= 2**31
+    mask = None
+    if sq > 1:
+        mask = _huge_view(torch.empty(2**31 + 2**29, dtype=torch.bool), 0, (1, 1, sq, skv), (0, 0, 2**27, 1))
+    pk, pv = torch.randn(1, 3, d), torch.randn(1, 3, d)
+    tensors = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    assert_matches_oracle(tensors, mask, None, True, backend="triton", atol=2e-5)
+
+
+def test_views_a_tile_cannot_walk_in_int32_are_copied():
+    from prefix_kernels.ops.triton_common import MAX_TILE_STRIDE, tileable
+
+    t = torch.randn(4, 3)
+    assert tileable(t, 2) is t
+    wide = torch.empty(3 * MAX_TILE_STRIDE).as_strided((3, 4), (MAX_TILE_STRIDE, 1))
+    assert tileable(wide, 1) is wide and tileable(wide, 2).is_contiguous()

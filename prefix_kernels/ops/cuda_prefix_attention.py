@@ -6,8 +6,10 @@ their log-sum-exp. Each block serves one GQA group, so a K/V byte is read once f
 it. The extension is compiled with `torch.utils.cpp_extension.load` (ninja) on first use and cached; nothing
 compiles at install.
 
-It takes float16/bfloat16, head dims 64, 128 and 256, every prefix kind, the causal flag and key-padding masks.
-It is inference-only: with autograd recording, inputs that require grad are refused up front.
+It takes float16/bfloat16, head dims 64, 128 and 256, every prefix kind (a bank of adapters of different lengths
+through `prefix_lengths` included), the causal flag and key-padding masks. It is inference-only: with autograd
+recording, inputs that require grad are refused up front. Automatic dispatch never picks it: choosing between it
+and the Triton decode kernel needs a measured rule, and no GPU has measured them yet.
 """
 
 import functools
@@ -78,7 +80,7 @@ def check(p: AttentionProblem) -> None:
     if sq > MAX_SEQ_Q:
         raise ValueError(f"q: backend 'cuda' is a decode kernel for Sq <= {MAX_SEQ_Q}, got Sq={sq} "
                          "(use backend 'triton' for prefill)")
-    for name, given in (("prefix_lengths", p.prefix_lengths), ("attention_bias", p.bias), ("softcap", p.softcap)):
+    for name, given in (("attention_bias", p.bias), ("softcap", p.softcap)):
         if given is not None:
             raise ValueError(f"{name}: backend 'cuda' does not take it, got one; expected None "
                              "(backends 'triton' and 'torch' do)")
@@ -111,7 +113,8 @@ def forward(p: AttentionProblem):
     key_mask = None if p.mask is None else p.mask[:, 0, 0, :]  # [B or 1, Skv]
     q, k, v, prefix_k, prefix_v = (_vector_ready(t) for t in (p.q, p.k, p.v, p.prefix_k, p.prefix_v))
     index = None if p.prefix_index is None else p.prefix_index.contiguous()
-    o, lse = _extension().forward(q, k, v, prefix_k, prefix_v, index, key_mask, p.causal, p.scale)
+    lengths = None if p.prefix_lengths is None else p.prefix_lengths.contiguous()
+    o, lse = _extension().forward(q, k, v, prefix_k, prefix_v, index, lengths, key_mask, p.causal, p.scale)
     return o.transpose(1, 2).contiguous(), lse
 
 
