@@ -32,7 +32,7 @@ from models import (
 P = {"smoke": 4, "cpu": 64, "cuda": 64}[SIZE]
 PADDED = {"smoke": (2, 12), "cpu": (8, 384), "cuda": (8, 2048)}[SIZE]  # (B, S)
 RAGGED = {"smoke": (4, 4, 16), "cpu": (16, 32, 512), "cuda": (16, 128, 2048)}[SIZE]  # (examples, shortest, longest)
-ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (3, 1), "cuda": (5, 1)}[SIZE]
+ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (7, 2), "cuda": (5, 1)}[SIZE]
 MODEL = "Llama L={num_hidden_layers} hidden={hidden_size} Hq={num_attention_heads} Hkv={num_key_value_heads}".format(
     **SHAPES[SIZE])
 
