@@ -76,6 +76,24 @@ def kernel_seconds(fn, calls: int = CALLS, repeats: int = 10) -> tuple[float, st
     return statistics.median(times), method
 
 
+def interleaved_seconds(calls: dict, rounds: int, warmup: int) -> dict:
+    """name -> median seconds per call, every call of `calls` (name -> fn) timed once per round, round-robin.
+
+    A slow drift of the machine's speed (a shared host, its clock) then moves every contender of a round alike, so
+    their ratios hold where timings taken one contender after another need not. End to end on CUDA, each call
+    waited for."""
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + rounds):
+        for name, fn in calls.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def peak_memory_mb(fn) -> float:
     """MB: the most memory PyTorch held at once during one call of `fn`, above what it held when the call began.
 

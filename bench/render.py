@@ -40,16 +40,26 @@ def duration(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
+def interleaved(info: dict, other: str | None, invert: bool = False) -> str:
+    """"; I x interleaved" where the group was also timed in interleaved rounds, else ""."""
+    ratio = info.get("interleaved_vs", {}).get(other)
+    return "" if ratio is None else f"; {1 / ratio if invert else ratio:.3g}x interleaved"
+
+
 def relative(info: dict, key: str, suffix: str) -> str:
     if info["provider"] == info["baseline"]:
         return "baseline"
     ratio = info[key].get(info["baseline"])
-    return "" if ratio is None else f"{ratio:.3g}{suffix}"
+    if ratio is None:
+        return ""
+    return f"{ratio:.3g}{suffix}" + (interleaved(info, info["baseline"]) if key == "speedup_vs" else "")
 
 
 def against_reference(info: dict) -> str:
     ratio = info["speedup_vs"].get(info.get("reference"))
-    return "" if ratio is None else f"{1 / ratio:.3g}x {info['reference']}"
+    if ratio is None:
+        return ""
+    return f"{1 / ratio:.3g}x {info['reference']}" + interleaved(info, info["reference"], invert=True)
 
 
 LEGEND = """\
@@ -59,6 +69,9 @@ LEGEND = """\
 - time vs reference: this median over the named provider's: the model with no prefix (what the prefix itself
   costs), or the same provider on an idle machine (what one busy competitor process costs).
 - tokens/s: real (non-padding) tokens per second; for generation, the new tokens.
+- interleaved: the same ratio from rounds that time every provider of the group once each, round-robin, so a
+  drift of the machine's speed moves them alike (training groups; the medians above time one provider after
+  another).
 """
 
 

@@ -9,13 +9,18 @@ with no prefix trains its input embeddings, so its backward too runs through eve
   sees `position_ids` restart, and recognises the packing itself) or padded. The model with no prefix, packed,
   runs transformers' SDPA once per packed sequence (`models.sdpa_per_sequence`), what a varlen kernel computes.
 
-`extra_info`: `tokens_per_s` (real, non-padding tokens per second), `peak_mb` (`measure.peak_memory_mb`), and
-`reference`: the provider this one's time is compared to for the prefix's own cost (the model with no prefix).
+Besides pytest-benchmark's rounds, one provider after another, each group is also timed in interleaved rounds (every
+provider once per round, round-robin: `measure.interleaved_seconds`), whose ratios a drifting machine cannot skew.
+
+`extra_info`: `tokens_per_s` (real, non-padding tokens per second), `peak_mb` (`measure.peak_memory_mb`),
+`reference`: the provider this one's time is compared to for the prefix's own cost (the model with no prefix),
+`interleaved_s` (median seconds per step in the interleaved rounds) and `interleaved_vs` (every provider's
+interleaved median over this one's).
 """
 
 import pytest
 import torch
-from measure import DEVICE, DTYPE, SIZE, measure
+from measure import DEVICE, DTYPE, SIZE, interleaved_seconds, measure
 from models import (
     PER_SEQUENCE_SDPA,
     SHAPES,
@@ -32,7 +37,8 @@ from models import (
 P = {"smoke": 4, "cpu": 64, "cuda": 64}[SIZE]
 PADDED = {"smoke": (2, 12), "cpu": (8, 384), "cuda": (8, 2048)}[SIZE]  # (B, S)
 RAGGED = {"smoke": (4, 4, 16), "cpu": (16, 32, 512), "cuda": (16, 128, 2048)}[SIZE]  # (examples, shortest, longest)
-ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (7, 2), "cuda": (5, 1)}[SIZE]
+ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (3, 1), "cuda": (5, 1)}[SIZE]
+INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP = {"smoke": (1, 0), "cpu": (5, 1), "cuda": (5, 1)}[SIZE]
 MODEL = "Llama L={num_hidden_layers} hidden={hidden_size} Hq={num_attention_heads} Hkv={num_key_value_heads}".format(
     **SHAPES[SIZE])
 
@@ -52,44 +58,81 @@ def models():
             "no_prefix packed": embeddings_trained(made.base, PER_SEQUENCE_SDPA).train()}
 
 
-def run(benchmark, model, batch, *, real_tokens, group, provider, baseline, reference=None):
-    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
-    median = measure(benchmark, lambda: train_step(model, optimizer, batch), group=group, provider=provider,
-                     baseline=baseline, rounds=ROUNDS, warmup=WARMUP)
+def steps(models, batches: dict) -> dict:
+    """provider -> one training step of its model on its batch, each with its own AdamW."""
+    def step(model, batch):
+        optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
+        return lambda: train_step(model, optimizer, batch)
+
+    return {provider: step(models[model], batch) for provider, (model, batch) in batches.items()}
+
+
+def interleaved(request, models, batches: dict) -> dict:
+    """provider -> median seconds per step over interleaved rounds; empty when benchmarks are disabled."""
+    if request.config.getoption("benchmark_disable"):
+        return {}
+    return interleaved_seconds(steps(models, batches), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
+
+
+def run(benchmark, step, *, real_tokens, group, provider, baseline, together, reference=None):
+    median = measure(benchmark, step, group=group, provider=provider, baseline=baseline, rounds=ROUNDS,
+                     warmup=WARMUP)
     if reference is not None:
         benchmark.extra_info["reference"] = reference
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = real_tokens / median
+    if together:
+        mine = together[provider]
+        benchmark.extra_info.update(interleaved_s=mine,
+                                    interleaved_vs={other: seconds / mine for other, seconds in together.items()})
 
 
-@pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])
-def test_train_step(benchmark, models, provider):
+def padded_batches() -> dict:
+    """provider -> (the model it trains, its batch) for the padded train step."""
+    b, s = PADDED
+    batch = right_padded(examples(spread(b, s // 3, s), SHAPES[SIZE]["vocab_size"]), DEVICE)
+    return {provider: (provider, batch) for provider in ("prefix_kernels", "peft", "no_prefix")}
+
+
+def throughput_batches() -> dict:
+    """provider -> (the model it trains, its batch) for the training throughput over ragged examples."""
+    count, shortest, longest = RAGGED
+    sequences = examples(spread(count, shortest, longest), SHAPES[SIZE]["vocab_size"])
+    return {"prefix_kernels packed": ("prefix_kernels", packed(sequences, DEVICE)),
+            "prefix_kernels padded": ("prefix_kernels", right_padded(sequences, DEVICE)),
+            "peft padded": ("peft", right_padded(sequences, DEVICE)),
+            "no_prefix packed": ("no_prefix packed", packed(sequences, DEVICE))}
+
+
+@pytest.fixture(scope="module")
+def padded_together(request, models):
+    return interleaved(request, models, padded_batches())
+
+
+@pytest.fixture(scope="module")
+def throughput_together(request, models):
+    return interleaved(request, models, throughput_batches())
+
+
+@pytest.mark.parametrize("provider", list(padded_batches()))
+def test_train_step(benchmark, models, padded_together, provider):
     """The padded training step: ours at most 1.05x the no-prefix step, and no slower than PEFT's."""
     b, s = PADDED
     lengths = spread(b, s // 3, s)
-    run(benchmark, models[provider], right_padded(examples(lengths, SHAPES[SIZE]["vocab_size"]), DEVICE),
-        real_tokens=sum(lengths), provider=provider, baseline="peft",
+    run(benchmark, steps(models, {provider: padded_batches()[provider]})[provider], real_tokens=sum(lengths),
+        provider=provider, baseline="peft", together=padded_together,
         reference="no_prefix" if provider == "prefix_kernels" else None,
         group=f"model train step {MODEL} B={b} S={s} right padding, lengths {lengths[0]}..{s}, P={P}")
 
 
-# provider -> (the model it trains, how it batches the examples)
-THROUGHPUT = {"prefix_kernels packed": ("prefix_kernels", packed),
-              "prefix_kernels padded": ("prefix_kernels", right_padded),
-              "peft padded": ("peft", right_padded),
-              "no_prefix packed": ("no_prefix packed", packed)}
-
-
-@pytest.mark.parametrize("provider", THROUGHPUT)
-def test_train_throughput(benchmark, models, provider):
+@pytest.mark.parametrize("provider", list(throughput_batches()))
+def test_train_throughput(benchmark, models, throughput_together, provider):
     """Real tokens per second over ragged examples: ours packed at least 1.5x PEFT padded, and within 1.10x of the
     model with no prefix packed."""
     count, shortest, longest = RAGGED
-    lengths = spread(count, shortest, longest)
-    model, batch = THROUGHPUT[provider]
-    run(benchmark, models[model], batch(examples(lengths, SHAPES[SIZE]["vocab_size"]), DEVICE),
-        real_tokens=sum(lengths), provider=provider, baseline="peft padded",
-        reference="no_prefix packed" if provider == "prefix_kernels packed" else None,
+    run(benchmark, steps(models, {provider: throughput_batches()[provider]})[provider],
+        real_tokens=sum(spread(count, shortest, longest)), provider=provider, baseline="peft padded",
+        together=throughput_together, reference="no_prefix packed" if provider == "prefix_kernels packed" else None,
         group=f"model training throughput {MODEL} {count} examples of {shortest}..{longest} tokens, P={P}")
 
 
