@@ -102,3 +102,36 @@ def test_padding_keeps_the_kernels_causal_mode(monkeypatch, padding):
         model(input_ids=ids, attention_mask=mask)
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert seen and all(s == (True, 2) for s in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_layers_of_a_mixed_adapter_decode_step_never_wait_for_the_gpu():
+    """On a GPU, a StaticCache decode step of a batch mixing adapters of different lengths runs its decoder layers
+    (attention with the prefix, on backend "triton") under `set_sync_debug_mode("error")`, which raises on any
+    host-device synchronisation. The call's plan is built before the first layer, outside the checked span."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    base = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model = get_prefix_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    model._add_adapter("long", PrefixTuningConfig(num_virtual_tokens=24).resolve(model.config))
+    names, ids = ["default", "long", "default"], torch.randint(3, VOCAB, (3, 6), device="cuda")
+    cache = StaticCache(config=config, max_cache_len=32)
+    layers = base.model.layers
+    with torch.no_grad():
+        out = model(input_ids=ids, cache=cache, cache_position=torch.arange(6, device="cuda"), adapter_names=names)
+        for t in range(6, 9):  # the last step checked; the ones before compile and autotune the kernels
+            checked = t == 8
+            hooks = [layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
+                     layers[-1].register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default"))
+                     ] if checked else []
+            try:
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache,
+                            cache_position=torch.tensor([t], device="cuda"), adapter_names=names)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.logits).all()
