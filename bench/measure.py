@@ -94,6 +94,22 @@ def interleaved_seconds(calls: dict, rounds: int, warmup: int) -> dict:
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
+def interleaved(request, calls: dict, rounds: int, warmup: int) -> dict:
+    """`interleaved_seconds` of `calls`, or {} when benchmarks are disabled (`--benchmark-disable`)."""
+    if request.config.getoption("benchmark_disable"):
+        return {}
+    return interleaved_seconds(calls, rounds, warmup)
+
+
+def record_interleaved(benchmark, provider: str, together: dict) -> None:
+    """Record `provider`'s median from interleaved rounds (`interleaved_s`) and every provider's over it
+    (`interleaved_vs`) in `extra_info`, when the group was timed so (`together`: provider -> seconds)."""
+    if together:
+        mine = together[provider]
+        benchmark.extra_info.update(interleaved_s=mine,
+                                    interleaved_vs={other: seconds / mine for other, seconds in together.items()})
+
+
 def peak_memory_mb(fn) -> float:
     """MB: the most memory PyTorch held at once during one call of `fn`, above what it held when the call began.
 

@@ -70,7 +70,7 @@ LEGEND = """\
   costs), or the same provider on an idle machine (what one busy competitor process costs).
 - tokens/s: real (non-padding) tokens per second; for generation, the new tokens.
 - interleaved: the same ratio from rounds that time every provider of the group once each, round-robin, so a
-  drift of the machine's speed moves them alike (training groups; the medians above time one provider after
+  drift of the machine's speed moves them alike (the model groups; their medians time one provider after
   another).
 """
 

@@ -3,13 +3,17 @@ generation; ours against PEFT on the same weights and the same prefix (training:
 
     pytest bench/test_model.py --benchmark-json bench/results/model.json
 
+Each group is also timed in interleaved rounds (every provider once per round, round-robin:
+`measure.interleaved_seconds`), whose ratios a drifting machine cannot skew.
+
 `extra_info`: `tokens_per_s` (prefill: the B * S tokens processed; generation: the B * new tokens produced,
-prefill included), `peak_mb` (`measure.peak_memory_mb`).
+prefill included), `peak_mb` (`measure.peak_memory_mb`), `interleaved_s` and `interleaved_vs`
+(`measure.record_interleaved`).
 """
 
 import pytest
 import torch
-from measure import DEVICE, DTYPE, SIZE, measure
+from measure import DEVICE, DTYPE, SIZE, interleaved, measure, record_interleaved
 from models import SHAPES, contenders, generate_peft_cache
 
 P = {"smoke": 4, "cpu": 128, "cuda": 128}[SIZE]
@@ -33,31 +37,52 @@ def greedy(new_tokens):
     return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])
-def test_prefill(benchmark, models, provider):
-    """One forward over the prompts, logits for every position."""
-    model = {"prefix_kernels": models.ours, "peft": models.peft, "no_prefix": models.base}[provider]
-    b, s, _ = GENERATE
+def prefill_calls(models) -> dict:
+    """provider -> one forward over the prompts, logits for every position."""
+    ids, mask = tokens(*GENERATE[:2])
+    return {provider: torch.no_grad()(lambda model=model: model(input_ids=ids, attention_mask=mask))
+            for provider, model in (("prefix_kernels", models.ours), ("peft", models.peft),
+                                    ("no_prefix", models.base))}
+
+
+def generate_calls(models) -> dict:
+    """provider -> batched greedy generation of exactly `new` tokens per row."""
+    b, s, new = GENERATE
     ids, mask = tokens(b, s)
-    median = measure(benchmark, torch.no_grad()(lambda: model(input_ids=ids, attention_mask=mask)),
-                     group=f"model prefill {MODEL} B={b} S={s} P={P}", provider=provider, baseline="peft",
-                     rounds=ROUNDS, warmup=WARMUP)
+    return {
+        "prefix_kernels": lambda: models.ours.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
+        "peft_cache": lambda: generate_peft_cache(models.base, models.prefix, ids, mask, **greedy(new)),
+        "no_prefix": lambda: models.base.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
+    }
+
+
+@pytest.fixture(scope="module")
+def prefill_together(request, models):
+    return interleaved(request, prefill_calls(models), ROUNDS, WARMUP)
+
+
+@pytest.fixture(scope="module")
+def generate_together(request, models):
+    return interleaved(request, generate_calls(models), ROUNDS, WARMUP)
+
+
+@pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])
+def test_prefill(benchmark, models, prefill_together, provider):
+    b, s, _ = GENERATE
+    median = measure(benchmark, prefill_calls(models)[provider], group=f"model prefill {MODEL} B={b} S={s} P={P}",
+                     provider=provider, baseline="peft", rounds=ROUNDS, warmup=WARMUP)
+    record_interleaved(benchmark, provider, prefill_together)
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = b * s / median
 
 
 @pytest.mark.parametrize("provider", ["prefix_kernels", "peft_cache", "no_prefix"])
-def test_generate(benchmark, models, provider):
-    """Batched greedy generation of exactly `new` tokens per row."""
+def test_generate(benchmark, models, generate_together, provider):
     b, s, new = GENERATE
-    ids, mask = tokens(b, s)
-    calls = {
-        "prefix_kernels": lambda: models.ours.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
-        "peft_cache": lambda: generate_peft_cache(models.base, models.prefix, ids, mask, **greedy(new)),
-        "no_prefix": lambda: models.base.generate(input_ids=ids, attention_mask=mask, **greedy(new)),
-    }
-    median = measure(benchmark, calls[provider], group=f"model generate {MODEL} B={b} prompt={s} new={new} P={P}",
-                     provider=provider, baseline="peft_cache", rounds=ROUNDS, warmup=WARMUP)
+    median = measure(benchmark, generate_calls(models)[provider],
+                     group=f"model generate {MODEL} B={b} prompt={s} new={new} P={P}", provider=provider,
+                     baseline="peft_cache", rounds=ROUNDS, warmup=WARMUP)
+    record_interleaved(benchmark, provider, generate_together)
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = b * new / median
 

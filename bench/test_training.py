@@ -20,7 +20,7 @@ interleaved median over this one's).
 
 import pytest
 import torch
-from measure import DEVICE, DTYPE, SIZE, interleaved_seconds, measure
+from measure import DEVICE, DTYPE, SIZE, interleaved, measure, record_interleaved
 from models import (
     PER_SEQUENCE_SDPA,
     SHAPES,
@@ -67,13 +67,6 @@ def steps(models, batches: dict) -> dict:
     return {provider: step(models[model], batch) for provider, (model, batch) in batches.items()}
 
 
-def interleaved(request, models, batches: dict) -> dict:
-    """provider -> median seconds per step over interleaved rounds; empty when benchmarks are disabled."""
-    if request.config.getoption("benchmark_disable"):
-        return {}
-    return interleaved_seconds(steps(models, batches), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
-
-
 def run(benchmark, step, *, real_tokens, group, provider, baseline, together, reference=None):
     median = measure(benchmark, step, group=group, provider=provider, baseline=baseline, rounds=ROUNDS,
                      warmup=WARMUP)
@@ -81,10 +74,7 @@ def run(benchmark, step, *, real_tokens, group, provider, baseline, together, re
         benchmark.extra_info["reference"] = reference
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = real_tokens / median
-    if together:
-        mine = together[provider]
-        benchmark.extra_info.update(interleaved_s=mine,
-                                    interleaved_vs={other: seconds / mine for other, seconds in together.items()})
+    record_interleaved(benchmark, provider, together)
 
 
 def padded_batches() -> dict:
@@ -106,12 +96,12 @@ def throughput_batches() -> dict:
 
 @pytest.fixture(scope="module")
 def padded_together(request, models):
-    return interleaved(request, models, padded_batches())
+    return interleaved(request, steps(models, padded_batches()), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
 
 
 @pytest.fixture(scope="module")
 def throughput_together(request, models):
-    return interleaved(request, models, throughput_batches())
+    return interleaved(request, steps(models, throughput_batches()), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
 
 
 @pytest.mark.parametrize("provider", list(padded_batches()))
