@@ -37,7 +37,8 @@ def greedy(new_tokens):
     return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
-def prefill_calls(models) -> dict:
+@pytest.fixture(scope="module")
+def prefill(models) -> dict:
     """provider -> one forward over the prompts, logits for every position."""
     ids, mask = tokens(*GENERATE[:2])
     return {provider: torch.no_grad()(lambda model=model: model(input_ids=ids, attention_mask=mask))
@@ -45,7 +46,8 @@ def prefill_calls(models) -> dict:
                                     ("no_prefix", models.base))}
 
 
-def generate_calls(models) -> dict:
+@pytest.fixture(scope="module")
+def generate(models) -> dict:
     """provider -> batched greedy generation of exactly `new` tokens per row."""
     b, s, new = GENERATE
     ids, mask = tokens(b, s)
@@ -57,19 +59,19 @@ def generate_calls(models) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prefill_together(request, models):
-    return interleaved(request, prefill_calls(models), ROUNDS, WARMUP)
+def prefill_together(request, prefill):
+    return interleaved(request, prefill, ROUNDS, WARMUP)
 
 
 @pytest.fixture(scope="module")
-def generate_together(request, models):
-    return interleaved(request, generate_calls(models), ROUNDS, WARMUP)
+def generate_together(request, generate):
+    return interleaved(request, generate, ROUNDS, WARMUP)
 
 
 @pytest.mark.parametrize("provider", ["prefix_kernels", "peft", "no_prefix"])
-def test_prefill(benchmark, models, prefill_together, provider):
+def test_prefill(benchmark, prefill, prefill_together, provider):
     b, s, _ = GENERATE
-    median = measure(benchmark, prefill_calls(models)[provider], group=f"model prefill {MODEL} B={b} S={s} P={P}",
+    median = measure(benchmark, prefill[provider], group=f"model prefill {MODEL} B={b} S={s} P={P}",
                      provider=provider, baseline="peft", rounds=ROUNDS, warmup=WARMUP)
     record_interleaved(benchmark, provider, prefill_together)
     if median is not None:
@@ -77,9 +79,9 @@ def test_prefill(benchmark, models, prefill_together, provider):
 
 
 @pytest.mark.parametrize("provider", ["prefix_kernels", "peft_cache", "no_prefix"])
-def test_generate(benchmark, models, generate_together, provider):
+def test_generate(benchmark, generate, generate_together, provider):
     b, s, new = GENERATE
-    median = measure(benchmark, generate_calls(models)[provider],
+    median = measure(benchmark, generate[provider],
                      group=f"model generate {MODEL} B={b} prompt={s} new={new} P={P}", provider=provider,
                      baseline="peft_cache", rounds=ROUNDS, warmup=WARMUP)
     record_interleaved(benchmark, provider, generate_together)

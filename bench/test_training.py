@@ -59,7 +59,8 @@ def models():
 
 
 def steps(models, batches: dict) -> dict:
-    """provider -> one training step of its model on its batch, each with its own AdamW."""
+    """provider -> one training step of its model on its batch (batches: provider -> (model name, batch)), each
+    with its own AdamW."""
     def step(model, batch):
         optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
         return lambda: train_step(model, optimizer, batch)
@@ -77,52 +78,56 @@ def run(benchmark, step, *, real_tokens, group, provider, baseline, together, re
     record_interleaved(benchmark, provider, together)
 
 
-def padded_batches() -> dict:
-    """provider -> (the model it trains, its batch) for the padded train step."""
+PADDED_PROVIDERS = ("prefix_kernels", "peft", "no_prefix")
+THROUGHPUT_PROVIDERS = ("prefix_kernels packed", "prefix_kernels padded", "peft padded", "no_prefix packed")
+
+
+@pytest.fixture(scope="module")
+def padded_steps(models) -> dict:
+    """provider -> its padded training step (B rows right-padded to S, lengths spread from S/3 to S)."""
     b, s = PADDED
     batch = right_padded(examples(spread(b, s // 3, s), SHAPES[SIZE]["vocab_size"]), DEVICE)
-    return {provider: (provider, batch) for provider in ("prefix_kernels", "peft", "no_prefix")}
-
-
-def throughput_batches() -> dict:
-    """provider -> (the model it trains, its batch) for the training throughput over ragged examples."""
-    count, shortest, longest = RAGGED
-    sequences = examples(spread(count, shortest, longest), SHAPES[SIZE]["vocab_size"])
-    return {"prefix_kernels packed": ("prefix_kernels", packed(sequences, DEVICE)),
-            "prefix_kernels padded": ("prefix_kernels", right_padded(sequences, DEVICE)),
-            "peft padded": ("peft", right_padded(sequences, DEVICE)),
-            "no_prefix packed": ("no_prefix packed", packed(sequences, DEVICE))}
+    return steps(models, {provider: (provider, batch) for provider in PADDED_PROVIDERS})
 
 
 @pytest.fixture(scope="module")
-def padded_together(request, models):
-    return interleaved(request, steps(models, padded_batches()), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
+def throughput_steps(models) -> dict:
+    """provider -> its training step over the ragged examples, packed or padded."""
+    sequences = examples(spread(*RAGGED), SHAPES[SIZE]["vocab_size"])
+    return steps(models, {"prefix_kernels packed": ("prefix_kernels", packed(sequences, DEVICE)),
+                          "prefix_kernels padded": ("prefix_kernels", right_padded(sequences, DEVICE)),
+                          "peft padded": ("peft", right_padded(sequences, DEVICE)),
+                          "no_prefix packed": ("no_prefix packed", packed(sequences, DEVICE))})
 
 
 @pytest.fixture(scope="module")
-def throughput_together(request, models):
-    return interleaved(request, steps(models, throughput_batches()), INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
+def padded_together(request, padded_steps):
+    return interleaved(request, padded_steps, INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
 
 
-@pytest.mark.parametrize("provider", list(padded_batches()))
-def test_train_step(benchmark, models, padded_together, provider):
+@pytest.fixture(scope="module")
+def throughput_together(request, throughput_steps):
+    return interleaved(request, throughput_steps, INTERLEAVED_ROUNDS, INTERLEAVED_WARMUP)
+
+
+@pytest.mark.parametrize("provider", PADDED_PROVIDERS)
+def test_train_step(benchmark, padded_steps, padded_together, provider):
     """The padded training step: ours at most 1.05x the no-prefix step, and no slower than PEFT's."""
     b, s = PADDED
     lengths = spread(b, s // 3, s)
-    run(benchmark, steps(models, {provider: padded_batches()[provider]})[provider], real_tokens=sum(lengths),
-        provider=provider, baseline="peft", together=padded_together,
-        reference="no_prefix" if provider == "prefix_kernels" else None,
+    run(benchmark, padded_steps[provider], real_tokens=sum(lengths), provider=provider, baseline="peft",
+        together=padded_together, reference="no_prefix" if provider == "prefix_kernels" else None,
         group=f"model train step {MODEL} B={b} S={s} right padding, lengths {lengths[0]}..{s}, P={P}")
 
 
-@pytest.mark.parametrize("provider", list(throughput_batches()))
-def test_train_throughput(benchmark, models, throughput_together, provider):
+@pytest.mark.parametrize("provider", THROUGHPUT_PROVIDERS)
+def test_train_throughput(benchmark, throughput_steps, throughput_together, provider):
     """Real tokens per second over ragged examples: ours packed at least 1.5x PEFT padded, and within 1.10x of the
     model with no prefix packed."""
     count, shortest, longest = RAGGED
-    run(benchmark, steps(models, {provider: throughput_batches()[provider]})[provider],
-        real_tokens=sum(spread(count, shortest, longest)), provider=provider, baseline="peft padded",
-        together=throughput_together, reference="no_prefix packed" if provider == "prefix_kernels packed" else None,
+    run(benchmark, throughput_steps[provider], real_tokens=sum(spread(*RAGGED)), provider=provider,
+        baseline="peft padded", together=throughput_together,
+        reference="no_prefix packed" if provider == "prefix_kernels packed" else None,
         group=f"model training throughput {MODEL} {count} examples of {shortest}..{longest} tokens, P={P}")
 
 
