@@ -24,6 +24,7 @@ from .triton_common import (
     capped,
     causal_span,
     grouped_rows,
+    hide_invisible,
     key_offsets,
     launch_args,
     load_tile,
@@ -107,17 +108,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE2, DELTA, MASK, BIAS, n, n_end, lo, hi, 
             scale = 1.0
         else:
             scale = qk_scale
-        if MASKED or HAS_MASK:
-            visible = tl.full([k.shape[0], BLOCK_M], 1, tl.int1)
-            if MASKED:
-                visible = visible & (n < n_end)[:, None]
-                if BAND:
-                    visible = visible & (n[:, None] <= (skv - sq + i)[None, :])
-            if HAS_MASK:
-                mask_ptrs = MASK + row_offsets(i, h, s_mm, s_mh)[None, :] + mask_cols[:, None]
-                visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[None, :] & (n < n_end)[:, None],
-                                             other=0) != 0)
-            st = tl.where(visible, st, float("-inf"))
+        st = hide_invisible(st, (n < n_end)[:, None], n[:, None] <= (skv - sq + i)[None, :],
+                            MASK + row_offsets(i, h, s_mm, s_mh)[None, :] + mask_cols[:, None],
+                            row_ok[None, :] & (n < n_end)[:, None], MASKED, BAND, HAS_MASK)
         pt = tl.math.exp2(tl.fma(st, scale, -lse[None, :]))  # [BN, BM], 0 where not visible
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
@@ -256,16 +249,9 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, last_
             scale = 1.0
         else:
             scale = qk_scale
-        if MASKED or HAS_MASK:
-            visible = tl.full([q.shape[0], BLOCK_N], 1, tl.int1)
-            if MASKED:
-                visible = visible & (n < hi)[None, :]
-                if BAND:
-                    visible = visible & (n[None, :] <= last_key[:, None])
-            if HAS_MASK:
-                mask_ptrs = MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn
-                visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[:, None], other=0) != 0)
-            s = tl.where(visible, s, float("-inf"))
+        s = hide_invisible(s, (n < hi)[None, :], n[None, :] <= last_key[:, None],
+                           MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn, row_ok[:, None],
+                           MASKED, BAND, HAS_MASK)
         p = tl.math.exp2(tl.fma(s, scale, -lse[:, None]))
         ds = p * (tl.dot(do, vt, input_precision=PRECISION) - delta[:, None])
         if HAS_SOFTCAP:

@@ -156,6 +156,24 @@ def capped(s, cap, HAS_SOFTCAP: tl.constexpr):
     return s
 
 
+@triton.jit
+def hide_invisible(s, key_ok, before_edge, mask_ptrs, load_ok, MASKED: tl.constexpr, BAND: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
+    """The logits s of a tile (either frame) with -inf where the key is not visible: under MASKED, where key_ok is
+    False (past the keys) and, with BAND, where before_edge is False (past the causal edge); with HAS_MASK, where
+    the mask at mask_ptrs (read where load_ok) is 0. Shapes broadcast to s's."""
+    if MASKED or HAS_MASK:
+        visible = tl.full(s.shape, 1, tl.int1)
+        if MASKED:
+            visible = visible & key_ok
+            if BAND:
+                visible = visible & before_edge
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptrs, mask=visible & load_ok, other=0) != 0)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
 # ---- the forward key loop ----------------------------------------------------------------------------------------
 
 @triton.jit
@@ -203,16 +221,10 @@ def attend_tiles(q, m_i, l_i, acc, K, V, s_kn, s_kd, s_vn, s_vd, lo, hi, last_ke
             scale = 1.0
         else:
             scale = qk_scale  # folded into the exponent's FMA below
+        s = hide_invisible(s, (n < hi)[None, :], n[None, :] <= last_key[:, None],
+                           MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn, row_ok[:, None],
+                           MASKED, BAND, HAS_MASK)
         if MASKED or HAS_MASK:
-            visible = tl.full([q.shape[0], BLOCK_N], 1, tl.int1)
-            if MASKED:
-                visible = visible & (n < hi)[None, :]
-                if BAND:
-                    visible = visible & (n[None, :] <= last_key[:, None])
-            if HAS_MASK:
-                mask_ptrs = MASK + key_offsets(n0, s_mn) + mask_rows[:, None] + keys[None, :] * s_mn
-                visible = visible & (tl.load(mask_ptrs, mask=visible & row_ok[:, None], other=0) != 0)
-            s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         else:
