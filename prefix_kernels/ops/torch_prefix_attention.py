@@ -331,42 +331,45 @@ def forward(p: AttentionProblem):
     return o, lse
 
 
+def _accumulate(totals, grads) -> None:
+    """Add each gradient into its running total (a buffer, or a view of one); totals not asked for are None."""
+    for total, grad in zip(totals, grads):
+        if total is not None:
+            total += grad
+
+
+def _at(total: torch.Tensor | None, index) -> torch.Tensor | None:
+    return None if total is None else total[index]
+
+
 def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
     """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
     acc = _acc_dtype(p.q.dtype)
-    dq = torch.zeros(p.q.shape, dtype=acc, device=p.q.device)
-    dk, dv = (torch.zeros(p.k.shape, dtype=acc, device=p.q.device) for _ in range(2))
-    dpk, dpv = (torch.zeros(p.prefix_k.shape, dtype=acc, device=p.q.device) for _ in range(2))
+
+    def zeros(like: torch.Tensor, needed: bool) -> torch.Tensor | None:
+        return torch.zeros(like.shape, dtype=acc, device=p.q.device) if needed else None
+
+    dq, dk, dv, dpk, dpv = (zeros(t, needed) for t, needed in ((p.q, need_dq), (p.k, need_dkv), (p.v, need_dkv),
+                                                                (p.prefix_k, need_dprefix), (p.prefix_v, need_dprefix)))
     if p.q.numel():
         flash = _uses_flash(p)
         lse_rows = lse.to(acc).masked_fill(lse.isinf(), 0.0)
         if not p.packed:
-            for part, keys in ((_sequence_part(p, flash), (dk, dv)), (_prefix_part(p), (dpk, dpv))):
-                dq_part, *dkv = _part_backward(p, part, flash, o, lse_rows, d_o)
-                dq += dq_part
-                for total, grad in zip(keys, dkv):
-                    total += grad
+            _accumulate((dq, dk, dv), _part_backward(p, _sequence_part(p, flash), flash, o, lse_rows, d_o))
+            _accumulate((dq, dpk, dpv), _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o))
         else:
             whole = _prefix_whole(p)
             if whole:
-                dq_part, dpk_part, dpv_part = _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o)
-                dq += dq_part
-                dpk += dpk_part
-                dpv += dpv_part
+                _accumulate((dq, dpk, dpv), _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o))
             for sub, qs, ks, row in _sequences(p):
                 views = (o[:, :, qs], lse_rows[:, :, qs], d_o[:, :, qs])
-                dq_part, dk_part, dv_part = _part_backward(sub, _sequence_part(sub, flash), flash, *views)
-                dq[:, :, qs] += dq_part
-                dk[:, :, ks] += dk_part
-                dv[:, :, ks] += dv_part
+                queries, keys = (slice(None), slice(None), qs), (slice(None), slice(None), ks)
+                _accumulate((_at(dq, queries), _at(dk, keys), _at(dv, keys)),
+                            _part_backward(sub, _sequence_part(sub, flash), flash, *views))
                 if not whole:
-                    dq_part, dpk_part, dpv_part = _part_backward(sub, _prefix_part(sub), flash, *views)
-                    dq[:, :, qs] += dq_part
                     own = slice(None) if p.prefix_index is not None else slice(row, row + 1)
-                    dpk[own] += dpk_part
-                    dpv[own] += dpv_part
+                    _accumulate((_at(dq, queries), _at(dpk, own), _at(dpv, own)),
+                                _part_backward(sub, _prefix_part(sub), flash, *views))
     return (dq.transpose(1, 2).to(p.q.dtype) if need_dq else None,
             dk.to(p.k.dtype) if need_dkv else None, dv.to(p.v.dtype) if need_dkv else None,
             dpk.to(p.prefix_k.dtype) if need_dprefix else None, dpv.to(p.prefix_v.dtype) if need_dprefix else None)
-
-
