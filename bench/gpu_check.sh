@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, from the repository root with the package importable:
+# The GPU check, from the repository root, with .venv/bin/python (or $PYTHON, or python) as the interpreter:
 #   bash bench/gpu_check.sh
 # 1. the GPU tests (`pytest tests -m gpu`: the Triton and CUDA backends on realistic shapes in fp16/bf16, and a
 #    decode step under torch.cuda.set_sync_debug_mode("error"), which fails on any host-device synchronisation);
@@ -9,8 +9,14 @@
 # test was skipped, when a test failed or a phase ran out of time, or when the benchmarks failed.
 set -uo pipefail
 out=bench/results/gpu
-python=${PYTHON:-python}
+default=python
+[ -x .venv/bin/python ] && default=.venv/bin/python  # the README's environment, when there is one
+python=${PYTHON:-$default}
 
+if ! "$python" -c 'import torch' 2>/dev/null; then
+    echo "gpu_check: $python cannot import torch; set PYTHON to the interpreter of the package's environment" >&2
+    exit 2
+fi
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: torch sees no CUDA device; this check runs only on a GPU" >&2
     exit 2
