@@ -41,7 +41,7 @@ def assert_packed_matches_oracle(lengths_q, lengths_k, hq, hkv, p, kind, causal,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["shared", "row", "bank"])
 @pytest.mark.parametrize("lengths_q, lengths_k", LENGTHS)
-def test_packed_matches_oracle(lengths_q, lengths_k, kind, backend):
+def test_packed_matches_oracle(lengths_q, lengths_k, kind, backend, packing_batches):
     for i, (hq, hkv, p, causal) in enumerate([(4, 2, 5, True), (3, 1, 1, False), (2, 2, 0, True)]):
         if p == 0 and kind == "bank":
             continue

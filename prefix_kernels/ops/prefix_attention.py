@@ -13,6 +13,7 @@ from .validate import check_inputs, check_values
 
 _Tensor = torch.Tensor
 _MaybeTensor = torch.Tensor | None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
@@ -98,6 +99,17 @@ def _backward(ctx, d_o, d_lse):
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _plain_call(p: AttentionProblem) -> bool:
+    """Whether a call can skip the custom op and its autograd: eager (not traced by torch.compile), plain tensors
+    (no fake, functional or distributed tensor subclass), and no gradient to record."""
+    if torch.compiler.is_compiling():
+        return False
+    tensors = (p.q, p.k, p.v, p.prefix_k, p.prefix_v)
+    if any(type(t) not in _PLAIN for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def prefix_attention(
@@ -189,9 +201,13 @@ def prefix_attention(
     name = dispatch.select_backend(backend, q.device, q.shape[-1], q.dtype)
     if name == "cuda":
         dispatch.backend("cuda").check(p)
-    o, lse = _attention(
-        p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias, p.cu_seqlens_q,
-        p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, name,
-    )
+    if _plain_call(p):  # nothing to trace, no gradient to record: run the backend without the op's layers
+        check_values(p)
+        o, lse = dispatch.backend(name).forward(p)
+    else:
+        o, lse = _attention(
+            p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias,
+            p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, name,
+        )
     o, lse = (o[0], lse[0]) if p.packed else (o.transpose(1, 2), lse)
     return (o, lse.detach().float()) if return_lse else o

@@ -189,6 +189,23 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
     )
 
 
+_CHECKED = "_prefix_kernels_checked"  # on a CPU tensor: the checks it passed, with its version at the time
+
+
+def _check_once(t: torch.Tensor, bounds: tuple, check) -> None:
+    """Run `check(t)` (which raises or queues an assert) unless this CPU tensor passed it with the same `bounds` and
+    has not changed since: the plan of a model call hands the same index, lengths and offsets to every layer.
+    Inference-mode tensors keep no version counter, so they are checked every time."""
+    if t.device.type != "cpu" or t.is_inference():
+        check(t)
+        return
+    key = (bounds, t._version)
+    passed = t.__dict__.get(_CHECKED)
+    if passed is None or key not in passed:
+        check(t)
+        t.__dict__[_CHECKED] = (passed or frozenset()) | {key}
+
+
 def _value_error(condition: torch.Tensor, message: str) -> None:
     """Raise `message` if `condition` (a 0-D bool tensor) is False: on CPU at once; on CUDA as a device-side
     assert, so the host never waits for the device."""
@@ -199,22 +216,37 @@ def _value_error(condition: torch.Tensor, message: str) -> None:
         torch._assert_async(condition, message)
 
 
+def _in_range(name: str, low: int, high: int, message: str):
+    def check(t: torch.Tensor) -> None:
+        if t.numel():
+            lowest, highest = torch.aminmax(t)
+            _value_error((lowest >= low) & (highest <= high), f"{name}: {message}")
+    return check
+
+
+def _offsets(name: str, total: int, longest: int):
+    def check(cu: torch.Tensor) -> None:
+        lengths = cu.diff()
+        ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+        _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no sequence "
+                         f"longer than its max_seqlen ({longest})")
+    return check
+
+
 def check_values(p: AttentionProblem) -> None:
     """The checks that read tensor values: bank indices in range, prefix lengths within P, sequence offsets that
-    start at 0, never decrease, end at the totals and respect the max_seqlen bounds."""
+    start at 0, never decrease, end at the totals and respect the max_seqlen bounds. A CPU tensor is checked once
+    per version and bounds."""
     what = "packed sequence" if p.packed else "batch row"
-    if p.prefix_index is not None and p.prefix_index.numel():
+    if p.prefix_index is not None:
         n = p.prefix_k.shape[0]
-        _value_error(((p.prefix_index >= 0) & (p.prefix_index < n)).all(),
-                     f"prefix_index: expected every {what}'s entry in [0, {n}) (the bank size)")
-    if p.prefix_lengths is not None and p.prefix_lengths.numel():
+        _check_once(p.prefix_index, ("index", n), _in_range(
+            "prefix_index", 0, n - 1, f"expected every {what}'s entry in [0, {n}) (the bank size)"))
+    if p.prefix_lengths is not None:
         n = p.prefix_k.shape[-2]
-        _value_error(((p.prefix_lengths >= 0) & (p.prefix_lengths <= n)).all(),
-                     f"prefix_lengths: expected every {what}'s length in [0, P={n}]")
+        _check_once(p.prefix_lengths, ("lengths", n), _in_range(
+            "prefix_lengths", 0, n, f"expected every {what}'s length in [0, P={n}]"))
     if p.packed:
         for name, cu, total, longest in (("cu_seqlens_q", p.cu_seqlens_q, p.q.shape[2], p.max_seqlen_q),
                                          ("cu_seqlens_k", p.cu_seqlens_k, p.k.shape[2], p.max_seqlen_k)):
-            lengths = cu.diff()
-            ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
-            _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no "
-                             f"sequence longer than its max_seqlen ({longest})")
+            _check_once(cu, (name, total, longest), _offsets(name, total, longest))
