@@ -69,11 +69,13 @@ def prefix_attention_forward(
     if slot is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
-        # [2, (N,) Hkv, P, D]; layers narrower than the widest (per-layer head dims) read a slice, as in PEFT
-        kv = prefix_plan.kv[slot][..., : key.shape[1], :, : key.shape[-1]]
-        if kv.dtype != query.dtype:
-            kv = kv.to(query.dtype)
-        prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_plan.index, prefix_plan.lengths
+        prefix_k, prefix_v = prefix_plan.layers[slot]  # [(N,) Hkv, P, D]
+        if prefix_k.shape[-3] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
+            # a layer narrower than the widest (per-layer head dims) reads a slice, as in PEFT
+            prefix_k, prefix_v = (t[..., : key.shape[1], :, : key.shape[-1]] for t in (prefix_k, prefix_v))
+        if prefix_k.dtype != query.dtype:
+            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+        index, lengths = prefix_plan.index, prefix_plan.lengths
         if position_bias is not None and prefix_plan.prefix_position_bias is not None:
             prefix_bias = prefix_plan.prefix_position_bias(query.shape[2], key.shape[2] - query.shape[2])
             rows = max(prefix_bias.shape[0], position_bias.shape[0])

@@ -18,6 +18,7 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
 _MODULES = {"torch": "torch_prefix_attention", "triton": "triton_prefix_attention", "cuda": "cuda_prefix_attention"}
+_LOADED = {}
 
 
 def _triton_runnable(device: torch.device) -> str | None:
@@ -43,8 +44,11 @@ def _triton_takes(head_dim: int, dtype: torch.dtype) -> str | None:
 
 
 def backend(name: str):
-    """The backend module called `name` (one of BACKENDS)."""
-    return importlib.import_module(f".{_MODULES[name]}", __package__)
+    """The backend module called `name` (one of BACKENDS), imported on first use."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f".{_MODULES[name]}", __package__)
+    return module
 
 
 def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
@@ -56,8 +60,9 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int, d
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     source = "backend" if requested is not None else ENV_VAR
     if name is None:
-        triton_ok = _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None
-        return "triton" if device.type == "cuda" and triton_ok else "torch"
+        if device.type != "cuda":
+            return "torch"
+        return "triton" if _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
     if name == "triton":

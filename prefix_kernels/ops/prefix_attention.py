@@ -106,10 +106,10 @@ def _plain_call(p: AttentionProblem) -> bool:
     (no fake, functional or distributed tensor subclass), and no gradient to record."""
     if torch.compiler.is_compiling():
         return False
-    tensors = (p.q, p.k, p.v, p.prefix_k, p.prefix_v)
-    if any(type(t) not in _PLAIN for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    for t in (p.q, p.k, p.v, p.prefix_k, p.prefix_v):
+        if type(t) not in _PLAIN or (t.requires_grad and torch.is_grad_enabled()):
+            return False
+    return True
 
 
 def prefix_attention(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import torch_varlen
+from .memo import derived
 from .problem import AttentionProblem
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -121,7 +122,8 @@ class _Rows:
             return t
         if t.shape[1] == 1 and t.shape[2] == 1:
             return t
-        t = t.expand(t.shape[0], self.hq, self.sq, *t.shape[3:])
+        if t.shape[1] != self.hq or t.shape[2] != self.sq:
+            t = t.expand(t.shape[0], self.hq, self.sq, *t.shape[3:])
         return t.reshape(t.shape[0], self.hkv, (self.hq // self.hkv) * self.sq, *t.shape[3:])
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
@@ -246,49 +248,60 @@ def _takes_joint(p: AttentionProblem) -> bool:
     return b * hq * sq * (p.prefix_k.shape[-2] + p.k.shape[2]) <= JOINT_MAX_LOGITS
 
 
+def _hidden_prefix(lengths: torch.Tensor, n_pre: int) -> torch.Tensor:
+    """bool `[B, 1, 1, P]`: the prefix keys past each row's length."""
+    return derived(lengths, ("hidden", n_pre),
+                   lambda: (torch.arange(n_pre, device=lengths.device) >= lengths[:, None])[:, None, None, :])
+
+
+def _all_positive(lengths: torch.Tensor) -> bool:
+    """Whether every row sees a prefix key (read on the host only for CPU tensors; elsewhere assume not)."""
+    return lengths.device.type == "cpu" and derived(lengths, ("all positive",), lambda: bool((lengths > 0).all()))
+
+
 def _joint_forward(p: AttentionProblem):
     """(o `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]`): logits of both parts in one tensor, one softmax.
 
     Rows are grouped (the G query heads of a KV head stacked, M = G * Sq), so each key is read once per group, and
-    every product is one `bmm` over 3-D views. A shared prefix is read as `[Hkv, P, D]` against all B * M rows of a
-    head at once, never expanded per row; a bank's rows are gathered, their values zeroed past each row's length,
-    so padding is never read, whatever it holds.
+    every product is one `bmm` over 3-D views, scaled as it is written. A shared prefix is read as `[Hkv, P, D]`
+    against all B * M rows of a head at once, never expanded per row; a bank's rows are gathered, their values
+    zeroed past each row's length, so padding is never read, whatever it holds.
     """
     b, hq, sq, d = p.q.shape
     hkv, skv, n_pre = p.k.shape[1], p.k.shape[2], p.prefix_k.shape[-2]
     m, acc = hq // hkv * sq, _acc_dtype(p.q.dtype)
     rows = _Rows(p, grouped=True)
-    q, k, v, pk, pv = (t if t.dtype == acc else t.to(acc) for t in (rows(p.q), p.k, p.v, p.prefix_k, p.prefix_v))
-    hidden_prefix = None
-    if p.prefix_lengths is not None:  # [B, 1, 1, P]
-        hidden_prefix = (torch.arange(n_pre, device=q.device) >= p.prefix_lengths[:, None])[:, None, None, :]
-    s = q.new_empty(b, hkv, m, n_pre + skv)  # the logits, [prefix ; sequence]
-    torch.bmm(q.reshape(b * hkv, m, d), k.reshape(b * hkv, skv, d).transpose(1, 2),
-              out=s[..., n_pre:].view(b * hkv, m, skv))
+    q, k, v, pk, pv = rows(p.q), p.k, p.v, p.prefix_k, p.prefix_v
+    if q.dtype != acc:
+        q, k, v, pk, pv = q.to(acc), k.to(acc), v.to(acc), pk.to(acc), pv.to(acc)
+    q3 = q.reshape(b * hkv, m, d)
+    scale = p.scale if p.softcap is None else p.scale / p.softcap
+    hidden_prefix = None if p.prefix_lengths is None else _hidden_prefix(p.prefix_lengths, n_pre)  # [B, 1, 1, P]
+    s = q.new_empty(b, hkv, m, n_pre + skv)  # the scaled logits, [prefix ; sequence]
+    s_seq = s[..., n_pre:].view(b * hkv, m, skv)
+    torch.baddbmm(s_seq, q3, k.reshape(b * hkv, skv, d).transpose(1, 2), beta=0, alpha=scale, out=s_seq)
     if p.shared_prefix:  # [Hkv, B * M, D] @ [Hkv, D, P]
         folded_q = q.transpose(0, 1).reshape(hkv, b * m, d)
-        s[..., :n_pre] = torch.bmm(folded_q, pk.transpose(1, 2)).view(hkv, b, m, n_pre).transpose(0, 1)
+        s[..., :n_pre] = torch.baddbmm(folded_q.new_empty(()), folded_q, pk.transpose(1, 2), beta=0,
+                                       alpha=scale).view(hkv, b, m, n_pre).transpose(0, 1)
     else:
         if p.prefix_index is not None:
             pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
         if hidden_prefix is not None:
             pv = pv.masked_fill(hidden_prefix.transpose(-1, -2), 0.0)
-        torch.bmm(q.reshape(b * hkv, m, d), pk.reshape(b * hkv, n_pre, d).transpose(1, 2),
-                  out=s[..., :n_pre].view(b * hkv, m, n_pre))
-    if p.softcap is None:
-        s.mul_(p.scale)
-    else:
-        s.mul_(p.scale / p.softcap).tanh_().mul_(p.softcap)
+        s_pre = s[..., :n_pre].view(b * hkv, m, n_pre)
+        torch.baddbmm(s_pre, q3, pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0, alpha=scale, out=s_pre)
+    if p.softcap is not None:
+        s.tanh_().mul_(p.softcap)
     if p.bias is not None:
         s[..., n_pre + skv - p.bias.shape[-1]:] += rows(p.bias).to(acc)
     if hidden_prefix is not None:
         s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
-    visible = p.mask
     if p.causal and sq > 1:
         band = _band(sq, skv, q.device)[None, None]
-        visible = band if visible is None else visible & band
-    if visible is not None:
-        s[..., n_pre:].masked_fill_(~rows(visible), float("-inf"))
+        s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
+    elif p.mask is not None:
+        s[..., n_pre:].masked_fill_(derived(p.mask, ("hidden", hq, sq), lambda: ~rows(p.mask)), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, M]
     probs = torch.softmax(s, dim=-1).view(b * hkv, m, n_pre + skv)
     o = torch.bmm(probs[..., n_pre:], v.reshape(b * hkv, skv, d))  # [B * Hkv, M, D]
@@ -297,8 +310,8 @@ def _joint_forward(p: AttentionProblem):
         o.view(b, hkv, m, d).add_(torch.bmm(folded_probs, pv).view(hkv, b, m, d).transpose(0, 1))
     else:
         o.baddbmm_(probs[..., :n_pre], pv.reshape(b * hkv, n_pre, d))
-    if not n_pre or p.prefix_lengths is not None:  # rows that see no key at all: o = 0, not softmax's NaN
-        o.masked_fill_((lse == float("-inf")).view(b * hkv, m, 1), 0.0)
+    if not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths)):
+        o.masked_fill_((lse == float("-inf")).view(b * hkv, m, 1), 0.0)  # rows that see no key: 0, not NaN
     o = o.view(b, hq, sq, d).transpose(1, 2) if sq > 1 else o.view(b, 1, hq, d)
     return o.to(p.q.dtype).contiguous(), lse.view(b, hq, sq)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .memo import derived
 from .problem import AttentionProblem
 
 # One more batched call costs about as much host time as this many logits of arithmetic (a decode step's scale).
 CALL_LOGITS = 1 << 15
-_PLANNED = "_prefix_kernels_padding"  # on cu_seqlens_q: (cu_seqlens_k, both versions, the batches)
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,14 @@ class Batch:
 def batches(p: AttentionProblem) -> list[Batch]:
     """The left-padded batches of a packed problem, planned once per pair of offset tensors and their contents."""
     cu_q, cu_k = p.cu_seqlens_q, p.cu_seqlens_k
-    cacheable = cu_q.device.type == "cpu" and not (cu_q.is_inference() or cu_k.is_inference())
-    if cacheable:
-        planned = cu_q.__dict__.get(_PLANNED)
-        if planned is not None and planned[0] is cu_k and planned[1] == (cu_q._version, cu_k._version):
-            return planned[2]
-    found = _plan(cu_q.tolist(), cu_k.tolist(), cu_q.device)
-    if cacheable:
-        cu_q.__dict__[_PLANNED] = (cu_k, (cu_q._version, cu_k._version), found)
-    return found
+
+    def plan():
+        return cu_k, _plan(cu_q.tolist(), cu_k.tolist(), cu_q.device)
+
+    if cu_k.is_inference():
+        return plan()[1]
+    planned_k, found = derived(cu_q, ("batches", id(cu_k), cu_k._version), plan)
+    return found if planned_k is cu_k else plan()[1]
 
 
 def _plan(starts_q: list[int], starts_k: list[int], device: torch.device) -> list[Batch]:

@@ -9,6 +9,7 @@ instead of waiting for the device. Nothing here copies a tensor: the inputs come
 
 import torch
 
+from .memo import derived
 from .problem import AttentionProblem
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,9 +70,7 @@ def _check_mask(attention_mask, q, skv: int):
         if tuple(attention_mask.shape) != (batch, skv):
             raise ValueError(
                 f"attention_mask: a key-padding mask must be [B={batch}, Skv={skv}], got {_shape(attention_mask)}")
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask != 0
-        return attention_mask[:, None, None, :]
+        return derived(attention_mask, ("key padding",), lambda: (attention_mask != 0)[:, None, None, :])
     if attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
             raise TypeError(f"attention_mask: a 4-D mask must be boolean (True = attend), got {attention_mask.dtype}")
@@ -189,21 +188,13 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
     )
 
 
-_CHECKED = "_prefix_kernels_checked"  # on a CPU tensor: the checks it passed, with its version at the time
-
-
 def _check_once(t: torch.Tensor, bounds: tuple, check) -> None:
-    """Run `check(t)` (which raises or queues an assert) unless this CPU tensor passed it with the same `bounds` and
-    has not changed since: the plan of a model call hands the same index, lengths and offsets to every layer.
-    Inference-mode tensors keep no version counter, so they are checked every time."""
-    if t.device.type != "cpu" or t.is_inference():
+    """Run `check(t)` (which raises, or on CUDA queues an assert) once per version of a CPU tensor and `bounds`:
+    the plan of a model call hands the same index, lengths and offsets to every layer."""
+    if t.device.type != "cpu":
         check(t)
-        return
-    key = (bounds, t._version)
-    passed = t.__dict__.get(_CHECKED)
-    if passed is None or key not in passed:
-        check(t)
-        t.__dict__[_CHECKED] = (passed or frozenset()) | {key}
+    else:
+        derived(t, ("checked", *bounds), lambda: check(t) or True)
 
 
 def _value_error(condition: torch.Tensor, message: str) -> None:
