@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs
+from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, oracle_attention
 
 from prefix_kernels import prefix_attention
 
@@ -124,3 +124,35 @@ def test_empty_inputs_give_empty_outputs(backend, b, sq, skv, p, kind):
                               return_lse=True, backend=backend)
     assert o.shape == (b, 4, sq, 16) and o.dtype == q.dtype
     assert lse.shape == (b, 4, sq) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("sq", [1, 17])
+def test_prefix_padding_is_never_read(backend, sq):
+    """Prefix keys past a row's length are padding (a bank of adapters of different lengths): whatever they hold,
+    NaN and inf included, the output and every gradient equal those with zeros there."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, 9, 6, 16, "bank", "padding", dtype=torch.float32)
+    lengths = torch.tensor([6, 2, 0])
+    poisoned = [t.detach().clone() for t in tensors]
+    poisoned[3][0, :, 2:], poisoned[4][0, :, 3:] = float("nan"), float("inf")  # entry 0: row 1's, length 2
+    poisoned = [t.requires_grad_() for t in poisoned]
+    runs = []
+    for inputs in (tensors, poisoned):
+        o = prefix_attention(*inputs, attention_mask=mask, prefix_index=index, prefix_lengths=lengths,
+                             backend=backend)
+        grads = torch.autograd.grad(o, inputs, torch.ones_like(o))
+        runs.append((o, grads[0], grads[1], grads[2]))
+    for clean, dirty in zip(*runs):
+        assert dirty.isfinite().all()
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_largest_scale_taken_stays_finite(backend):
+    """At the largest `scale` the op takes, logits in the tens of thousands: the output (a near one-hot softmax)
+    matches the float64 oracle and every gradient is finite."""
+    (q, k, v, pk, pv), mask, _ = make_inputs(2, 4, 2, 3, 11, 4, 16, "shared", "padding", dtype=torch.float32)
+    o = prefix_attention(q, k, v, pk, pv, attention_mask=mask, scale=2.0**16, backend=backend)
+    ref, _ = oracle_attention(q, k, v, pk, pv, attention_mask=mask, scale=2.0**16)
+    torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=0)
+    assert all(g.isfinite().all() for g in torch.autograd.grad(o, (q, k, v, pk, pv), torch.ones_like(o)))

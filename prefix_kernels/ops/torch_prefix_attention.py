@@ -21,6 +21,7 @@ ATen calls in all), with no second attention call and no merge. Packed sequences
 batches (`torch_varlen`), so a call costs a few batched computations whatever the number of sequences.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,16 +45,19 @@ class _Part:
     visible: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1, N], True = attend
     bias: torch.Tensor | None  # float [B|1, Hq|1, Sq|1, N], added to the logits
     empty: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1]: rows that see none of these keys
+    hidden: torch.Tensor | None = None  # bool [B, 1, N, 1]: keys a row never reads (prefix past its length)
 
     @property
     def shared(self) -> bool:
         return self.k.dim() == 3
 
     def rowwise(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """k or v as `[B, Hkv, N, D]`: a shared prefix as a stride-0 view, a bank's entries gathered."""
+        """k or v as `[B, Hkv, N, D]`: a shared prefix as a stride-0 view, a bank's entries gathered; zeros where
+        `hidden`, so keys a row never reads cannot reach it, whatever they hold."""
         if self.shared:
             return t.expand(batch, *t.shape)
-        return t if self.index is None else t.index_select(0, self.index)
+        rows = t if self.index is None else t.index_select(0, self.index)
+        return rows if self.hidden is None else rows.masked_fill(self.hidden, 0.0)
 
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
         """A per-row gradient `[B, Hkv, N, D]` -> the keys' own shape, summed over the rows that share them."""
@@ -93,11 +97,13 @@ def _sequence_part(p: AttentionProblem, flash: bool) -> _Part:
 
 
 def _prefix_part(p: AttentionProblem) -> _Part:
-    visible = empty = None
+    visible = empty = hidden = None
     if p.prefix_lengths is not None:
-        visible = (torch.arange(p.prefix_k.shape[-2], device=p.q.device) < p.prefix_lengths[:, None])[:, None, None]
+        hidden = _hidden_prefix(p.prefix_lengths, p.prefix_k.shape[-2])  # [B, 1, 1, P]
+        visible = ~hidden
         empty = (p.prefix_lengths == 0)[:, None, None]
-    return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty)
+        hidden = hidden.transpose(-1, -2)
+    return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty, hidden)
 
 
 def _merge(o_seq, lse_seq, o_pre, lse_pre):
@@ -334,8 +340,7 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
 
 def _contiguous_d(part: _Part) -> _Part:
     k, v = _unit_stride_d(part.k), _unit_stride_d(part.v)
-    return part if k is part.k and v is part.v else _Part(k, v, part.index, part.top_left_causal, part.visible,
-                                                          part.bias, part.empty)
+    return part if k is part.k and v is part.v else dataclasses.replace(part, k=k, v=v)
 
 
 def _part_forward(p: AttentionProblem, part: _Part, flash: bool):

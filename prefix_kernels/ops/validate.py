@@ -7,6 +7,8 @@ op runs inside its kernel call: on CPU it raises the same clear errors, on CUDA 
 instead of waiting for the device. Nothing here copies a tensor: the inputs come back as views.
 """
 
+import math
+
 import torch
 
 from .memo import derived
@@ -101,11 +103,21 @@ def _check_bias(attention_bias, q, skv: int, n_prefix: int):
     return attention_bias.detach()
 
 
-def _positive(name: str, value, allow_none: bool) -> float | None:
+# The largest `scale` taken. The fused kernels compute exp2 of logits * scale * log2(e) in float32 with one
+# multiply-subtract (FlashAttention's trick), exact while those stay well below 2**24; past this bound a logit of
+# modest size would not, and the backends would disagree.
+MAX_SCALE = 2.0**16
+
+
+def _positive(name: str, value, allow_none: bool, most: float = math.inf) -> float | None:
+    """A finite positive float no larger than `most` (or None, where allowed)."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name}: expected a positive float{' or None' if allow_none else ''}, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= most \
+            or not math.isfinite(value):
+        bound = f" at most {most:g}" if math.isfinite(most) else ""
+        raise ValueError(f"{name}: expected a finite positive float{bound}{' or None' if allow_none else ''}, got "
+                         f"{value!r}")
     return float(value)
 
 
@@ -177,7 +189,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
                              f"shape {_shape(prefix_k)}")
         _check_row_tensor("prefix_lengths", prefix_lengths, rows, what, q.device)
     bias = _check_bias(attention_bias, q, k.shape[2], prefix_k.shape[-2])
-    scale = d**-0.5 if scale is None else _positive("scale", scale, allow_none=False)
+    scale = d**-0.5 if scale is None else _positive("scale", scale, allow_none=False, most=MAX_SCALE)
     softcap = _positive("softcap", softcap, allow_none=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
