@@ -57,3 +57,13 @@ def test_softcap(backend, dtype, atol, kind, sq, skv):
     with torch.no_grad():
         tensors[0].mul_(3.0)  # logits large enough for the cap to bend them
     assert_matches_oracle(tensors, mask, index, True, backend=backend, atol=atol, softcap=2.5)
+
+
+@pytest.mark.parametrize("backend, dtype, atol", BACKENDS[:2], indirect=["backend"])
+@pytest.mark.parametrize("kind, sq, skv, window", [("shared", 1, 9, 4), ("bank", 7, 12, 3), ("row", 33, 33, 1),
+                                                   ("shared", 9, 4, 2), ("bank", 5, 20, 30)])
+def test_sliding_window(backend, dtype, atol, kind, sq, skv, window):
+    """A sliding window over the sequence keys, ending at each query's causal edge; the prefix stays visible."""
+    tensors, mask, index = inputs(backend, dtype, 3, 4, 2, sq, skv, 5, 16, kind, "padding")
+    lengths = torch.tensor([5, 2, 0]) if kind == "bank" else None
+    assert_matches_oracle(tensors, mask, index, True, backend=backend, atol=atol, window=window, lengths=lengths)

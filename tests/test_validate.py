@@ -51,6 +51,9 @@ CASES = [
     ("softcap", ValueError, lambda a: a.update(softcap=float("inf"))),
     ("softcap", ValueError, lambda a: a.update(softcap=0.0)),
     ("causal", TypeError, lambda a: a.update(causal="yes")),
+    ("window", ValueError, lambda a: a.update(window=0)),
+    ("window", ValueError, lambda a: a.update(window=3, causal=False)),
+    ("window", ValueError, lambda a: a.update(window=3, backend="triton")),
     ("backend", ValueError, lambda a: a.update(backend="cudnn")),
 ]
 

@@ -50,6 +50,7 @@ def prefix_attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,  # T5's relative position bias [1 or B, Hq, Sq, Skv]
     softcap: float | None = None,  # Gemma 2's logit cap
+    sliding_window: int | None = None,  # a windowed layer's window (Mistral, Qwen2, Gemma 2/3)
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
@@ -59,7 +60,8 @@ def prefix_attention_forward(
     """
     if prefix_plan is None:
         return _as_before(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                          is_causal=is_causal, position_bias=position_bias, softcap=softcap, **kwargs)
+                          is_causal=is_causal, position_bias=position_bias, softcap=softcap,
+                          sliding_window=sliding_window, **kwargs)
     if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v (and prefix) in its dtype
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -86,7 +88,8 @@ def prefix_attention_forward(
         out = prefix_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
             causal=causal, scale=scaling, prefix_index=index, prefix_lengths=lengths, softcap=softcap,
-            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
+            window=sliding_window if causal else None, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+            max_seqlen_k=longest)
         return out[None], None
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # the 4-D mask holds the whole pattern

@@ -51,7 +51,8 @@ def backend(name: str):
     return module
 
 
-def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype,
+                   window: int | None = None) -> str:
     """The name of the backend for `requested` (None = automatic) on `device`, or raise why it can't run.
 
     Automatic: triton for CUDA tensors when triton imports and takes the head dim and dtype, else torch
@@ -60,7 +61,7 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int, d
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     source = "backend" if requested is not None else ENV_VAR
     if name is None:
-        if device.type != "cuda":
+        if device.type != "cuda" or window is not None:
             return "torch"
         return "triton" if _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None else "torch"
     if name not in BACKENDS:
@@ -72,6 +73,9 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int, d
         why = _triton_takes(head_dim, dtype)
         if why:
             raise ValueError(f"q: {why}")
+        if window is not None:
+            raise ValueError("window: backend 'triton' takes no sliding window yet; backend 'torch' (chosen "
+                             "automatically) does")
     if name == "cuda":
         why = backend("cuda").why_not_runnable(device)
         if why:

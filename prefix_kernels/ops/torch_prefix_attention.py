@@ -72,16 +72,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _band(sq: int, skv: int, device) -> torch.Tensor:
-    """bool `[1, 1, Sq, Skv]`: bottom-right causal, query i sees key j iff j <= Skv - Sq + i."""
-    return torch.arange(skv, device=device) <= torch.arange(sq, device=device)[:, None] + (skv - sq)
+def _band(sq: int, skv: int, device, window: int | None = None) -> torch.Tensor:
+    """bool `[Sq, Skv]`: bottom-right causal, query i sees key j iff j <= edge = Skv - Sq + i, and with a window
+    only the last `window` keys up to its edge."""
+    offset = torch.arange(skv, device=device) - torch.arange(sq, device=device)[:, None] - (skv - sq)  # j - edge
+    return offset <= 0 if window is None else (offset <= 0) & (offset > -window)
 
 
 def _sequence_part(p: AttentionProblem, flash: bool) -> _Part:
     sq, skv = p.q.shape[2], p.k.shape[2]
     visible, top_left, empty = p.mask, False, None
     key_padding = visible is None or (visible.shape[1] == 1 and visible.shape[2] == 1)
-    if p.causal and sq > 1:
+    if p.window is not None:
+        band = _band(sq, skv, p.q.device, p.window)[None, None]
+        visible = band if visible is None else visible & band
+    elif p.causal and sq > 1:
         if flash and sq == skv and key_padding:
             top_left = True  # top-left and bottom-right causal coincide
             if visible is not None:  # row i is empty iff no real key at or before i
@@ -303,8 +308,8 @@ def _joint_forward(p: AttentionProblem):
         s[..., n_pre + skv - p.bias.shape[-1]:] += rows(p.bias).to(acc)
     if hidden_prefix is not None:
         s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
-    if p.causal and sq > 1:
-        band = _band(sq, skv, q.device)[None, None]
+    if p.window is not None or (p.causal and sq > 1):
+        band = _band(sq, skv, q.device, p.window)[None, None]
         s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
     elif p.mask is not None:
         s[..., n_pre:].masked_fill_(derived(p.mask, ("hidden", hq, sq), lambda: ~rows(p.mask)), float("-inf"))

@@ -147,8 +147,8 @@ def _check_packing(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
-                 prefix_lengths=None, attention_bias=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
+                 prefix_lengths=None, attention_bias=None, softcap=None, window=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
     """Validate `prefix_attention`'s arguments (shapes, dtypes, devices); return them as an `AttentionProblem`.
 
     Packed inputs (`cu_seqlens_q` given) `[total, H, D]` become a batch of one row, `[1, H, total, D]` views.
@@ -193,9 +193,15 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
     softcap = _positive("softcap", softcap, allow_none=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window: expected a positive int (sequence keys a query sees) or None, got {window!r}")
+        if not causal:
+            raise ValueError("window: a sliding window needs causal=True (it ends at each query's causal edge), got "
+                             "causal=False")
     return AttentionProblem(
         q, k, v, prefix_k, prefix_v, causal, scale, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-        mask=mask, bias=bias, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        mask=mask, bias=bias, softcap=softcap, window=window, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0,
     )
 
