@@ -11,7 +11,6 @@ Nothing here reads device data on the host: row counts, lengths and offsets are 
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,10 +44,11 @@ class PrefixPlan:
     # T5's relative position bias of the prefix keys, [1 or B, Hq, Sq, P], for the decoder's self-attention.
     prefix_position_bias: torch.Tensor | None = None
 
-    @functools.cached_property
-    def layers(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """Each table layer's (keys, values), `[(N,) Hkv, P, D]` views, split once per plan rather than per layer."""
-        return tuple(tuple(layer.unbind(0)) for layer in self.kv.unbind(0))
+    # Each table layer's (keys, values), `[(N,) Hkv, P, D]` views of `kv`, split once per plan rather than per layer.
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(tuple(layer.unbind(0)) for layer in self.kv.unbind(0)))
 
     @property
     def uniform(self) -> bool:

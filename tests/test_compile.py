@@ -24,7 +24,7 @@ def bank_inputs():
 def test_opcheck():
     (q, k, v, pk, pv), index, lengths, mask = bank_inputs()
     for causal, padding in ((True, mask[:, None, None, :]), (False, None)):
-        args = (q, k, v, pk, pv, index, lengths, padding, None, None, None, 0, 0, causal, 0.25, None, "torch")
+        args = (q, k, v, pk, pv, index, lengths, padding, None, None, None, 0, 0, causal, 0.25, None, None, "torch")
         torch.library.opcheck(_attention, args)
 
 

@@ -106,7 +106,7 @@ def _vector_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def forward(p: AttentionProblem):
+def forward(p: AttentionProblem, with_lse: bool = True):
     """Backend "cuda": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32), Sq <= 16.
 
     `check(p)` has passed (the op's entry point runs it)."""

@@ -2,7 +2,8 @@
 
 Each backend is a module with two functions over an `AttentionProblem`:
 
-    forward(p) -> (o [B, Sq, Hq, D] contiguous in q's dtype, lse [B, Hq, Sq] float32 contiguous)
+    forward(p, with_lse=True) -> (o [B, Sq, Hq, D] contiguous in q's dtype, lse [B, Hq, Sq] float32 contiguous;
+                                  a backend may return None for lse when not `with_lse`)
     backward(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
         -> (dq [B, Sq, Hq, D] contiguous, dk, dv [B, Hkv, Skv, D] contiguous, d prefix_k, d prefix_v in the
             prefix's own shape, contiguous); None for each gradient not asked for

@@ -3,7 +3,8 @@
 A model call hands the same bank index, prefix lengths, key-padding mask and packed offsets to every attention
 layer. What the op derives from them (their checks, a padding plan, a mask over the prefix keys) is computed by
 the first layer and kept on the tensor itself, keyed by what was derived and the tensor's version counter, so an
-in-place change recomputes it. Inference-mode tensors keep no version counter: for them nothing is kept.
+in-place change recomputes it. Inference-mode tensors keep no version counter: for them nothing is kept, nor
+while torch.compile traces (the compiled graph computes it).
 """
 
 import torch
@@ -12,8 +13,8 @@ _ATTRIBUTE = "_prefix_kernels_memo"
 
 
 def derived(t: torch.Tensor, key: tuple, compute):
-    """`compute()`, computed once per `key` and version of `t`."""
-    if t.is_inference():
+    """`compute()`, computed once per `key` and version of `t` (every time under torch.compile, which traces it)."""
+    if torch.compiler.is_dynamo_compiling() or t.is_inference():
         return compute()
     memo = t.__dict__.get(_ATTRIBUTE)
     version = t._version

@@ -210,7 +210,7 @@ def prefix_attention(
         dispatch.backend("cuda").check(p)
     if _plain_call(p):  # nothing to trace, no gradient to record: run the backend without the op's layers
         check_values(p)
-        o, lse = dispatch.backend(name).forward(p)
+        o, lse = dispatch.backend(name).forward(p, with_lse=return_lse)
     else:
         o, lse = _attention(
             p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias,

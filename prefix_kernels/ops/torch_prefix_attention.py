@@ -270,38 +270,40 @@ def _all_positive(lengths: torch.Tensor) -> bool:
     return lengths.device.type == "cpu" and derived(lengths, ("all positive",), lambda: bool((lengths > 0).all()))
 
 
-def _joint_forward(p: AttentionProblem):
-    """(o `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]`): logits of both parts in one tensor, one softmax.
+def _joint_forward(p: AttentionProblem, with_lse: bool = True):
+    """(o `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]` or None unless `with_lse`): the logits of both parts in
+    one tensor, one softmax.
 
     Rows are grouped (the G query heads of a KV head stacked, M = G * Sq), so each key is read once per group, and
-    every product is one `bmm` over 3-D views, scaled as it is written. A shared prefix is read as `[Hkv, P, D]`
-    against all B * M rows of a head at once, never expanded per row; a bank's rows are gathered, their values
-    zeroed past each row's length, so padding is never read, whatever it holds.
+    every product is one `bmm` over 3-D views of the scaled queries. A shared prefix is read as `[Hkv, P, D]` against
+    all B * M rows of a head at once, never expanded per row; a bank's rows are gathered, their values zeroed past
+    each row's length, so padding is never read, whatever it holds.
     """
     b, hq, sq, d = p.q.shape
     hkv, skv, n_pre = p.k.shape[1], p.k.shape[2], p.prefix_k.shape[-2]
     m, acc = hq // hkv * sq, _acc_dtype(p.q.dtype)
     rows = _Rows(p, grouped=True)
-    q, k, v, pk, pv = rows(p.q), p.k, p.v, p.prefix_k, p.prefix_v
-    if q.dtype != acc:
-        q, k, v, pk, pv = q.to(acc), k.to(acc), v.to(acc), pk.to(acc), pv.to(acc)
+    k, v, pk, pv = p.k, p.v, p.prefix_k, p.prefix_v
+    if p.q.dtype != acc:
+        k, v, pk, pv = k.to(acc), v.to(acc), pk.to(acc), pv.to(acc)
+    q = rows(p.q) if p.q.dtype == acc else rows(p.q).to(acc)  # [B, Hkv, M, D]
     q3 = q.reshape(b * hkv, m, d)
     scale = p.scale if p.softcap is None else p.scale / p.softcap
     hidden_prefix = None if p.prefix_lengths is None else _hidden_prefix(p.prefix_lengths, n_pre)  # [B, 1, 1, P]
-    s = q.new_empty(b, hkv, m, n_pre + skv)  # the scaled logits, [prefix ; sequence]
-    s_seq = s[..., n_pre:].view(b * hkv, m, skv)
-    torch.baddbmm(s_seq, q3, k.reshape(b * hkv, skv, d).transpose(1, 2), beta=0, alpha=scale, out=s_seq)
+    unused = q.new_empty(())  # baddbmm's input, ignored with beta=0: the product is only scaled
+    s_seq = torch.baddbmm(unused, q3, k.reshape(b * hkv, skv, d).transpose(1, 2), beta=0, alpha=scale)
     if p.shared_prefix:  # [Hkv, B * M, D] @ [Hkv, D, P]
         folded_q = q.transpose(0, 1).reshape(hkv, b * m, d)
-        s[..., :n_pre] = torch.baddbmm(folded_q.new_empty(()), folded_q, pk.transpose(1, 2), beta=0,
-                                       alpha=scale).view(hkv, b, m, n_pre).transpose(0, 1)
+        s_pre = torch.baddbmm(unused, folded_q, pk.transpose(1, 2), beta=0, alpha=scale)
+        s_pre = s_pre.view(hkv, b, m, n_pre).transpose(0, 1)
     else:
         if p.prefix_index is not None:
             pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
         if hidden_prefix is not None:
             pv = pv.masked_fill(hidden_prefix.transpose(-1, -2), 0.0)
-        s_pre = s[..., :n_pre].view(b * hkv, m, n_pre)
-        torch.baddbmm(s_pre, q3, pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0, alpha=scale, out=s_pre)
+        s_pre = torch.baddbmm(unused, q3, pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0, alpha=scale)
+        s_pre = s_pre.view(b, hkv, m, n_pre)
+    s = torch.cat([s_pre, s_seq.view(b, hkv, m, skv)], dim=-1)  # [B, Hkv, M, P + Skv], the scaled logits
     if p.softcap is not None:
         s.tanh_().mul_(p.softcap)
     if p.bias is not None:
@@ -313,18 +315,20 @@ def _joint_forward(p: AttentionProblem):
         s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
     elif p.mask is not None:
         s[..., n_pre:].masked_fill_(derived(p.mask, ("hidden", hq, sq), lambda: ~rows(p.mask)), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, M]
+    lse = torch.logsumexp(s, dim=-1) if with_lse else None  # [B, Hkv, M]
+    maybe_empty = not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths))
+    empty = None if not maybe_empty else (lse if lse is not None else s.amax(-1)) == float("-inf")
     probs = torch.softmax(s, dim=-1).view(b * hkv, m, n_pre + skv)
     o = torch.bmm(probs[..., n_pre:], v.reshape(b * hkv, skv, d))  # [B * Hkv, M, D]
     if p.shared_prefix:
         folded_probs = probs[..., :n_pre].view(b, hkv, m, n_pre).transpose(0, 1).reshape(hkv, b * m, n_pre)
         o.view(b, hkv, m, d).add_(torch.bmm(folded_probs, pv).view(hkv, b, m, d).transpose(0, 1))
     else:
-        o.baddbmm_(probs[..., :n_pre], pv.reshape(b * hkv, n_pre, d))
-    if not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths)):
-        o.masked_fill_((lse == float("-inf")).view(b * hkv, m, 1), 0.0)  # rows that see no key: 0, not NaN
+        o += torch.bmm(probs[..., :n_pre], pv.reshape(b * hkv, n_pre, d))
+    if empty is not None:
+        o.masked_fill_(empty.view(b * hkv, m, 1), 0.0)  # rows that see no key: 0, not softmax's NaN
     o = o.view(b, hq, sq, d).transpose(1, 2) if sq > 1 else o.view(b, 1, hq, d)
-    return o.to(p.q.dtype).contiguous(), lse.view(b, hq, sq)
+    return o.to(p.q.dtype).contiguous(), None if lse is None else lse.view(b, hq, sq)
 
 
 # ---- one batch (or one packed sequence) ---------------------------------------------------------------------------
@@ -377,10 +381,11 @@ def _part_backward(p: AttentionProblem, part: _Part, flash: bool, o, lse_rows, d
 
 # ---- the backend ------------------------------------------------------------------------------------------------
 
-def _batched_forward(p: AttentionProblem):
-    """(o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]`) of a batched (not packed) problem."""
+def _batched_forward(p: AttentionProblem, with_lse: bool = True):
+    """(o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]`, or None when not `with_lse` and not computed
+    anyway) of a batched (not packed) problem."""
     if _takes_joint(p):
-        return _joint_forward(p)
+        return _joint_forward(p, with_lse)
     b, hq, sq, d = p.q.shape
     flash = _uses_flash(p)
     o_seq, lse_seq = _part_forward(p, _sequence_part(p, flash), flash)
@@ -391,15 +396,15 @@ def _batched_forward(p: AttentionProblem):
     return o, lse
 
 
-def forward(p: AttentionProblem):
+def forward(p: AttentionProblem, with_lse: bool = True):
     """Backend "torch": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32, or float64 for
-    float64 inputs)."""
+    float64 inputs; lse may be None when not `with_lse`)."""
     b, hq, sq, d = p.q.shape
     acc = _acc_dtype(p.q.dtype)
     if not p.packed:
         if p.q.numel() == 0:
             return p.q.new_zeros(b, sq, hq, d), p.q.new_full((b, hq, sq), float("-inf"), dtype=acc)
-        return _batched_forward(p)
+        return _batched_forward(p, with_lse)
     o = p.q.new_zeros(sq, hq, d)  # packed: token-major
     lse = p.q.new_full((sq, hq), float("-inf"), dtype=acc)
     for batch in torch_varlen.batches(p):

@@ -147,7 +147,7 @@ def _forward(p: AttentionProblem):
     return o, lse
 
 
-def forward(p: AttentionProblem):
+def forward(p: AttentionProblem, with_lse: bool = True):
     """Backend "triton": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32)."""
     b, hq, sq, d = p.q.shape
     if p.q.numel() == 0 or p.rows == 0:

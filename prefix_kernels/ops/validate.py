@@ -206,13 +206,13 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
     )
 
 
-def _check_once(t: torch.Tensor, bounds: tuple, check) -> None:
-    """Run `check(t)` (which raises, or on CUDA queues an assert) once per version of a CPU tensor and `bounds`:
-    the plan of a model call hands the same index, lengths and offsets to every layer."""
+def _check_once(t: torch.Tensor, bounds: tuple, check, *args) -> None:
+    """Run `check(t, *args)` (which raises, or on CUDA queues an assert) once per version of a CPU tensor and
+    `bounds`: the plan of a model call hands the same index, lengths and offsets to every layer."""
     if t.device.type != "cpu":
-        check(t)
+        check(t, *args)
     else:
-        derived(t, ("checked", *bounds), lambda: check(t) or True)
+        derived(t, bounds, lambda: check(t, *args) or True)
 
 
 def _value_error(condition: torch.Tensor, message: str) -> None:
@@ -225,21 +225,17 @@ def _value_error(condition: torch.Tensor, message: str) -> None:
         torch._assert_async(condition, message)
 
 
-def _in_range(name: str, low: int, high: int, message: str):
-    def check(t: torch.Tensor) -> None:
-        if t.numel():
-            lowest, highest = torch.aminmax(t)
-            _value_error((lowest >= low) & (highest <= high), f"{name}: {message}")
-    return check
+def _in_range(t: torch.Tensor, name: str, low: int, high: int, expected: str) -> None:
+    if t.numel():
+        lowest, highest = torch.aminmax(t)
+        _value_error((lowest >= low) & (highest <= high), f"{name}: {expected}")
 
 
-def _offsets(name: str, total: int, longest: int):
-    def check(cu: torch.Tensor) -> None:
-        lengths = cu.diff()
-        ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
-        _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no sequence "
-                         f"longer than its max_seqlen ({longest})")
-    return check
+def _offsets(cu: torch.Tensor, name: str, total: int, longest: int) -> None:
+    lengths = cu.diff()
+    ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+    _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no sequence "
+                     f"longer than its max_seqlen ({longest})")
 
 
 def check_values(p: AttentionProblem) -> None:
@@ -249,13 +245,13 @@ def check_values(p: AttentionProblem) -> None:
     what = "packed sequence" if p.packed else "batch row"
     if p.prefix_index is not None:
         n = p.prefix_k.shape[0]
-        _check_once(p.prefix_index, ("index", n), _in_range(
-            "prefix_index", 0, n - 1, f"expected every {what}'s entry in [0, {n}) (the bank size)"))
+        _check_once(p.prefix_index, ("index checked", n, what), _in_range, "prefix_index", 0, n - 1,
+                    f"expected every {what}'s entry in [0, {n}) (the bank size)")
     if p.prefix_lengths is not None:
         n = p.prefix_k.shape[-2]
-        _check_once(p.prefix_lengths, ("lengths", n), _in_range(
-            "prefix_lengths", 0, n, f"expected every {what}'s length in [0, P={n}]"))
+        _check_once(p.prefix_lengths, ("lengths checked", n, what), _in_range, "prefix_lengths", 0, n,
+                    f"expected every {what}'s length in [0, P={n}]")
     if p.packed:
         for name, cu, total, longest in (("cu_seqlens_q", p.cu_seqlens_q, p.q.shape[2], p.max_seqlen_q),
                                          ("cu_seqlens_k", p.cu_seqlens_k, p.k.shape[2], p.max_seqlen_k)):
-            _check_once(cu, (name, total, longest), _offsets(name, total, longest))
+            _check_once(cu, (name, total, longest), _offsets, name, total, longest)
