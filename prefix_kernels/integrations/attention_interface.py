@@ -69,8 +69,10 @@ def prefix_attention_forward(
     if slot is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
-        # [2, (N,) Hkv, P, D]; layers narrower than the widest (per-layer head dims) read a slice, as in PEFT
-        kv = prefix_plan.kv[slot][..., : key.shape[1], :, : key.shape[-1]]
+        # [2, (N,) Hkv, P, D]; layers narrower than the widest (per-layer head dims) read a slice, as in PEFT, and a
+        # tensor-parallel rank its own KV heads
+        start = prefix_plan.layout.head_start(module)
+        kv = prefix_plan.kv[slot][..., start: start + key.shape[1], :, : key.shape[-1]]
         if kv.dtype != query.dtype:
             kv = kv.to(query.dtype)
         prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_plan.index, prefix_plan.lengths
