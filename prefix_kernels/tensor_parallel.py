@@ -199,4 +199,5 @@ def _refuse_foreign_shards(model, attentions: list[nn.Module]) -> None:
         if attention not in gathered and _dtensor_params(attention, set()):
             raise ValueError(f"model: {names[attention]}'s weights are DTensors, sharded outside transformers' "
                              f"tp_plan, so the KV heads each rank holds are unknown; load {model.config.model_type} "
-                             "with from_pretrained(..., tp_plan='auto') under torchrun instead")
+                             "with from_pretrained(..., distributed_config=DistributedConfig(tp_size=N)) under "
+                             "torchrun instead")
