@@ -43,7 +43,7 @@ class PrefixLayout:
 
     `slots` maps attention modules to table layers; None means every attention reads its own `layer_idx`.
     `heads`: under tensor parallelism, the KV heads of the prefix this rank reads in each attention (its slice of
-    the model's heads); None when every rank holds every head.
+    the model's heads) and the group its gradient is summed over; None without tensor parallelism.
     """
 
     slots: dict[nn.Module, int] | None = None

@@ -22,7 +22,9 @@ Plans this understands, per attention that reads a prefix (refused otherwise, wh
 - sharded heads: q/k/v projections `colwise`, the output projection `rowwise`, per-head norms
   `replicated_with_grad_allreduce`; the layer's KV heads divide by the tensor-parallel size;
 - replicated heads: every projection gathered or replicated (`colwise_gather_output`, `rowwise_split_input`, ...):
-  every rank computes every head, and the gradient is whole already (nothing to record).
+  every rank computes every head, and the gradient is whole already (nothing to sum).
+Other mesh dimensions beside "tp" (FSDP2's shards of the same weights, which it gathers before every use) do not
+change which heads a rank's attention holds.
 Fused projections sharded by head (`query_key_value`/`qkv_proj` `colwise`), per-head units replicated over ranks
 (`unit_colwise`), a model mixing sharded and replicated attentions, or attention weights sharded outside
 transformers' plan are refused by name.
@@ -45,7 +47,8 @@ REPLICATED = ("colwise_gather_output", "colwise_rep", "rowwise_split_input", "ro
 class HeadShards:
     """This rank's KV heads in every attention that reads a prefix, fixed when the model is wrapped.
 
-    `starts` maps attention modules to the first KV head of the rank's slice; `group` is the tensor-parallel
+    `starts` maps attention modules to the first KV head of the rank's slice; it is empty when every rank computes
+    every head (replicated attentions), whose prefix gradient is whole already. `group` is the tensor-parallel
     process group.
     """
 
@@ -53,11 +56,11 @@ class HeadShards:
     group: dist.ProcessGroup
 
     def start(self, module: nn.Module) -> int:
-        return self.starts[module]
+        return self.starts[module] if self.starts else 0
 
     def whole_gradient(self, table: torch.Tensor) -> torch.Tensor:
-        """`table` itself; its gradient is summed over the tensor-parallel group in the backward."""
-        if not (torch.is_grad_enabled() and table.requires_grad):
+        """`table` itself; with sharded heads its gradient is summed over the group in the backward."""
+        if not (self.starts and torch.is_grad_enabled() and table.requires_grad):
             return table
         return _SumGradient.apply(table, self.group)
 
@@ -77,15 +80,15 @@ class _SumGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()  # each rank's gradient covers its heads only (zero elsewhere)
+        grad = grad.clone(memory_format=torch.contiguous_format)  # this rank's heads only (zero elsewhere)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
 def head_shards(model, slots: dict[nn.Module, int] | None) -> HeadShards | None:
-    """The KV-head slices of `model`'s attentions under tensor parallelism; None when every rank holds every head
-    (no tensor parallelism, or attentions replicated). `slots` maps attentions to the table layer they read (None:
-    each reads its `layer_idx`); a layer reusing another's keys/values (KV sharing) has that layer's slice."""
+    """The KV-head slices of `model`'s attentions under tensor parallelism (None without it). `slots` maps
+    attentions to the table layer they read (None: each reads its `layer_idx`); a layer reusing another's
+    keys/values (KV sharing) has that layer's slice."""
     attentions = _prefix_attentions(model, slots)
     tp_size = getattr(model, "tp_size", None) or 1
     if tp_size == 1:
@@ -94,30 +97,38 @@ def head_shards(model, slots: dict[nn.Module, int] | None) -> HeadShards | None:
     if not attentions:
         raise ValueError(f"model: found no attention module (one with a layer_idx) in {model.config.model_type}, so "
                          "the KV heads each tensor-parallel rank holds cannot be found")
+    group = _tp_group(model, tp_size)
     plan = getattr(model, "tp_plan", None) or {}
     names = {module: name for name, module in model.named_modules()}
     kinds = {module: _kind(model, plan, names[module], module) for module in attentions}
     if all(kind == "replicated" for kind in kinds.values()):
-        return None
+        return HeadShards({}, group)
     if any(kind == "replicated" for kind in kinds.values()):
         mixed = sorted(names[m] for m, kind in kinds.items() if kind == "replicated")
         raise ValueError(f"model: {model.config.model_type}'s tensor-parallel plan shards the heads of some "
                          f"attentions and replicates others ({', '.join(mixed)}); expected one or the other for "
                          "every attention that reads a prefix")
     by_layer = {getattr(m, "layer_idx", None): m for m in attentions if hasattr(m, "k_proj")}
-    starts, meshes = {}, set()
+    starts = {}
     for module in attentions:
         source = module if hasattr(module, "k_proj") else by_layer.get(slots.get(module) if slots else None)
         if source is None:
             raise ValueError(f"model: {names[module]} has no k_proj and reuses no layer that has one, so the KV "
                              "heads its rank holds cannot be found")
-        starts[module], mesh, dim = _kv_start(model, names[source], source, tp_size)
-        meshes.add((mesh, dim))
-    if len(meshes) != 1:
-        raise ValueError(f"model: {model.config.model_type}'s attentions are sharded over different "
-                         "tensor-parallel meshes; expected one")
-    mesh, dim = meshes.pop()
-    return HeadShards(starts, mesh.get_group(dim))
+        starts[module] = _kv_start(model, names[source], source, group)
+    return HeadShards(starts, group)
+
+
+def _tp_group(model, tp_size: int) -> dist.ProcessGroup:
+    """The tensor-parallel group: the "tp" dimension of the mesh transformers sharded `model`'s weights on."""
+    from torch.distributed.tensor import DTensor
+
+    for param in model.parameters():
+        if isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()):
+            if param.device_mesh.size(param.device_mesh.mesh_dim_names.index("tp")) == tp_size:
+                return param.device_mesh.get_group("tp")
+    raise ValueError(f"model: its tp_size is {tp_size}, but none of its weights is sharded on a 'tp' mesh of that "
+                     "size; load it with from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))")
 
 
 def _prefix_attentions(model, slots: dict[nn.Module, int] | None) -> list[nn.Module]:
@@ -161,29 +172,28 @@ def _dtensor_params(attention: nn.Module, planned: set[str]) -> list[str]:
             if isinstance(p, DTensor) and name.split(".", 1)[0] not in planned]
 
 
-def _kv_start(model, name: str, attention: nn.Module, tp_size: int) -> tuple[int, object, int]:
-    """(The first KV head of this rank's slice, the device mesh, its tensor-parallel dimension), from how the
-    `k_proj` weight is sharded."""
+def _kv_start(model, name: str, attention: nn.Module, group: dist.ProcessGroup) -> int:
+    """The first KV head of this rank's slice, from how the `k_proj` weight is sharded over `group`."""
     from torch.distributed.tensor import DTensor, Shard
 
-    weight = attention.k_proj.weight
+    weight, tp_size = attention.k_proj.weight, dist.get_world_size(group)
     if not isinstance(weight, DTensor):
         raise ValueError(f"model: {name}.k_proj is 'colwise' in {model.config.model_type}'s tensor-parallel plan "
                          "but its weight is not sharded (not a DTensor)")
     mesh = weight.device_mesh
     names = mesh.mesh_dim_names or ()
     dim = names.index("tp") if "tp" in names else 0 if mesh.ndim == 1 else None
-    if dim is None or weight.placements[dim] != Shard(0) or mesh.size(dim) != tp_size:
+    if dim is None or weight.placements[dim] != Shard(0) \
+            or dist.get_process_group_ranks(mesh.get_group(dim)) != dist.get_process_group_ranks(group):
         raise ValueError(f"model: {name}.k_proj's weight is placed {tuple(weight.placements)} on {mesh}; expected "
-                         f"Shard(dim=0) on a tensor-parallel mesh of {tp_size} ranks")
+                         f"Shard(dim=0) on the tensor-parallel mesh of ranks {dist.get_process_group_ranks(group)}")
     head_dim, rows = getattr(attention, "head_dim", None), weight.shape[0]
     if not isinstance(head_dim, int) or rows % head_dim or rows // head_dim % tp_size:
         raise ValueError(f"model: {model.config.model_type}'s tensor-parallel plan shards {name}.k_proj "
                          f"'colwise', but its {rows} rows hold {rows // head_dim if isinstance(head_dim, int) else '?'}"
                          f" KV heads (head_dim {head_dim}), which {tp_size} ranks cannot split into whole heads; "
                          f"expected a multiple of {tp_size} KV heads")
-    heads = rows // head_dim
-    return mesh.get_local_rank(dim) * (heads // tp_size), mesh, dim
+    return mesh.get_local_rank(dim) * (rows // head_dim // tp_size)
 
 
 def _refuse_foreign_shards(model, attentions: list[nn.Module]) -> None:

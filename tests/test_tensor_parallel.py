@@ -18,7 +18,7 @@ from prefix_kernels import PrefixModel
 OUTCOMES = {
     "llama": None, "mistral": None, "qwen2": None, "qwen3": None, "gemma": None, "gemma2": None, "gemma3": None,
     "gemma4": None, "phi": None, "gptj": None,
-    "phi3": None,  # the fused qkv_proj is gathered: every rank computes every head
+    "phi3": None, "olmo2": None,  # q/k/v gathered (Phi3's fused qkv_proj): every rank computes every head
     "mistral_1_kv_head": "model: mistral's tensor-parallel plan shards model.layers.0.self_attn.k_proj 'colwise', but "
                          "its 16 rows hold 1 KV heads (head_dim 16), which 2 ranks cannot split into whole heads",
     "gpt_neox": "model: gpt_neox's tensor-parallel plan shards gpt_neox.layers.0.attention as {'query_key_value': "

@@ -43,6 +43,7 @@ FAMILIES = {
         vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8)),
     "phi": (T.PhiForCausalLM, T.PhiConfig, SIZES),
     "phi3": (T.Phi3ForCausalLM, T.Phi3Config, dict(SIZES, num_key_value_heads=2)),
+    "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config, dict(SIZES, num_key_value_heads=2)),
     "gptj": (T.GPTJForCausalLM, T.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
     "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig, SIZES),
     "gpt2": (T.GPT2LMHeadModel, T.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
@@ -135,9 +136,9 @@ def bank(base, directory: Path, out: dict) -> None:
                                         adapter_names=names)
 
 
-def family(base, name: str, out: dict) -> None:
+def family(base, name: str, seed: int, out: dict) -> None:
     """One training forward and backward of a fresh prefix (unpadded rows): the logits and the prefix gradient."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_prefix_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     ids = batch()[0][:2]
     result = model(input_ids=ids, labels=ids)
@@ -170,7 +171,7 @@ def record(directory: Path, load, seed: int = 0) -> tuple[dict, dict, PrefixMode
     bank(load("llama"), directory, out)
     for name in CASES:
         try:
-            family(load(name), name, out)
+            family(load(name), name, seed, out)
         except ValueError as e:
             refusals[name] = str(e)
     return out, refusals, trained
