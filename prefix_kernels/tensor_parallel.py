@@ -56,6 +56,7 @@ class HeadShards:
     group: dist.ProcessGroup
 
     def start(self, module: nn.Module) -> int:
+        """The first KV head of the table that `module`'s keys hold on this rank."""
         return self.starts[module] if self.starts else 0
 
     def whole_gradient(self, table: torch.Tensor) -> torch.Tensor:
@@ -201,12 +202,15 @@ def _refuse_foreign_shards(model, attentions: list[nn.Module]) -> None:
     gathers them before every use); any other sharding (torch's own `parallelize_module`) is refused."""
     if not dist.is_available():
         return
+    sharded = [attention for attention in attentions if _dtensor_params(attention, set())]
+    if not sharded:
+        return
     from torch.distributed.fsdp import FSDPModule
 
     gathered = {sub for m in model.modules() if isinstance(m, FSDPModule) for sub in m.modules()}
     names = {module: name for name, module in model.named_modules()}
-    for attention in attentions:
-        if attention not in gathered and _dtensor_params(attention, set()):
+    for attention in sharded:
+        if attention not in gathered:
             raise ValueError(f"model: {names[attention]}'s weights are DTensors, sharded outside transformers' "
                              f"tp_plan, so the KV heads each rank holds are unknown; load {model.config.model_type} "
                              "with from_pretrained(..., distributed_config=DistributedConfig(tp_size=N)) under "
