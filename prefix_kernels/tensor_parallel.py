@@ -155,7 +155,7 @@ def _kind(model, plan: dict[str, str], name: str, attention: nn.Module) -> str:
     projections = {child: style for child, style in styles.items() if child in SHARDED}
     others = {child: style for child, style in styles.items() if child not in SHARDED}
     keys = "k_proj" in projections or not hasattr(attention, "k_proj")  # KV-sharing layers have none
-    if projections and keys and all(SHARDED[c] == s for c, s in projections.items()) \
+    if "q_proj" in projections and keys and all(SHARDED[c] == s for c, s in projections.items()) \
             and all(s in SHARDED_OTHERS for s in others.values()) and not _dtensor_params(attention, set(styles)):
         return "sharded"
     outside = " and weights sharded outside the plan" if _dtensor_params(attention, set(styles)) else ""
