@@ -3,7 +3,9 @@
 #   bash bench/gpu_check.sh
 # 1. the GPU tests (`pytest tests -m gpu`: the Triton and CUDA backends on realistic shapes in fp16/bf16, and a
 #    decode step under torch.cuda.set_sync_debug_mode("error"), which fails on any host-device synchronisation);
-# 2. the op benchmarks at GPU sizes (bench/test_op.py: end-to-end and kernel time, TFLOP/s, K/V GB/s).
+# 2. the op benchmarks at GPU sizes (bench/test_op.py: end-to-end and kernel time, TFLOP/s, K/V GB/s) and the
+#    op's host overhead (bench/test_host_overhead.py, its op group: host µs to issue a decode call beside its
+#    kernel µs).
 # Each phase has a time limit, so the whole check ends within 8 minutes. It writes one JSON,
 # bench/results/gpu/gpu_check.json (with the raw logs beside it), and fails when CUDA is absent, when every GPU
 # test was skipped, when a test failed or a phase ran out of time, or when the benchmarks failed.
@@ -30,7 +32,8 @@ timeout 300 "$python" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml "
 tests=${PIPESTATUS[0]}
 tests_s=$((SECONDS - started))
 started=$SECONDS
-PREFIX_KERNELS_BENCH_SIZE=cuda timeout 150 "$python" -m pytest bench/test_op.py -q -p no:cacheprovider \
+PREFIX_KERNELS_BENCH_SIZE=cuda timeout 180 "$python" -m pytest bench/test_op.py bench/test_host_overhead.py \
+    -k "not generate_host" -q -p no:cacheprovider \
     --benchmark-json "$out/bench.json" --benchmark-columns=median,min,max 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 bench_s=$((SECONDS - started))
@@ -53,7 +56,7 @@ if junit.exists():
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
     tests.update(counts, ran=counts["tests"] - counts["skipped"])
 keep = ("provider", "baseline", "call_s", "kernel_s", "kernel_timing", "tflops", "kv_gb_per_s", "peak_mb",
-        "speedup_vs")
+        "host_us", "kernel_us", "speedup_vs")
 benchmarks = []
 if (out / "bench.json").exists():
     for bench in json.loads((out / "bench.json").read_text())["benchmarks"]:

@@ -25,6 +25,8 @@ FIGURES = (  # extra_info key, column header, format
     ("kv_gb_per_s", "K/V GB/s", "{:.3g}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("peak_mb", "peak MB", "{:,.1f}"),
+    ("host_us", "host µs/call", "{:.1f}"),
+    ("kernel_us", "kernel µs/call", "{:.1f}"),
 )
 
 
@@ -65,7 +67,10 @@ def against_reference(info: dict) -> str:
 LEGEND = """\
 - speed-up vs baseline: the baseline's median over this one's; peak memory vs baseline: this one's peak over the
   baseline's. The baseline is PEFT's path (`materialised` for the op, `peft`, `peft padded` or `peft_cache` for the
-  model) under the same condition, or a single adapter for the adapter bank.
+  model) under the same condition, a single adapter for the adapter bank, and for the host overhead groups SDPA
+  on the sequence keys alone (`sdpa`) or the model with no prefix.
+- host µs/call: per call of a round of back-to-back calls; on CUDA the host's time to issue one call, beside the
+  GPU's own (kernel µs/call).
 - time vs reference: this median over the named provider's: the model with no prefix (what the prefix itself
   costs), or the same provider on an idle machine (what one busy competitor process costs).
 - tokens/s: real (non-padding) tokens per second; for generation, the new tokens.

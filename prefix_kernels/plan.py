@@ -11,6 +11,7 @@ Nothing here reads device data on the host: row counts, lengths and offsets are 
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,11 @@ class PrefixPlan:
     max_seqlen: int = 0
     # T5's relative position bias of the prefix keys, [1 or B, Hq, Sq, P], for the decoder's self-attention.
     prefix_position_bias: torch.Tensor | None = None
+
+    @functools.cached_property
+    def layers(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Each table layer's (keys, values), `[(N,) Hkv, P, D]` views, split once per plan rather than per layer."""
+        return tuple(tuple(layer.unbind(0)) for layer in self.kv.unbind(0))
 
     @property
     def uniform(self) -> bool:

@@ -9,7 +9,7 @@ from prefix_kernels import prefix_attention
 
 
 def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, attention_mask=None, prefix_index=None,
-                     prefix_lengths=None, attention_bias=None, softcap=None, compute_dtype=torch.float64):
+                     prefix_lengths=None, attention_bias=None, softcap=None, window=None, compute_dtype=torch.float64):
     """(o, lse), computed the slow, obvious way: in float64, or with `compute_dtype` for the matmuls (softmax in
     float32), the way PyTorch would do it in that precision."""
     q, k, v, pk, pv = (t.to(compute_dtype) for t in (q, k, v, prefix_k, prefix_v))
@@ -32,6 +32,8 @@ def oracle_attention(q, k, v, prefix_k, prefix_v, *, causal=True, scale=None, at
         i = torch.arange(sq, device=q.device)[:, None]
         j = torch.arange(skv, device=q.device)[None, :]
         visible &= j <= skv - sq + i
+        if window is not None:
+            visible &= j > skv - sq + i - window
     if attention_mask is not None:
         m = attention_mask.bool()
         visible &= m[:, None, None, :] if m.dim() == 2 else m
@@ -74,14 +76,14 @@ def on_device(tensors, mask, index, device):
 
 
 def assert_matches_oracle(tensors, mask, index, causal, backend="torch", atol=1e-10, scale=None, lengths=None,
-                          bias=None, softcap=None):
+                          bias=None, softcap=None, window=None):
     q, k, v, pk, pv = tensors
     o, lse = prefix_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
                               prefix_index=index, prefix_lengths=lengths, attention_bias=bias, softcap=softcap,
-                              return_lse=True, backend=backend)
+                              window=window, return_lse=True, backend=backend)
     ref_o, ref_lse = oracle_attention(q, k, v, pk, pv, causal=causal, scale=scale, attention_mask=mask,
                                       prefix_index=index, prefix_lengths=lengths, attention_bias=bias,
-                                      softcap=softcap)
+                                      softcap=softcap, window=window)
     assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), ref_o, atol=atol, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse.float().double(), atol=1e-5, rtol=1e-6)
@@ -113,7 +115,7 @@ def assert_within_twice_torch_error(tensors, mask, dtype, backend, slack=1e-4):
 
 
 def oracle_packed(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, *, causal=True, prefix_index=None,
-                  prefix_lengths=None, softcap=None):
+                  prefix_lengths=None, softcap=None, window=None):
     """(o `[total_q, Hq, D]`, lse `[Hq, total_q]`) of packed sequences: each sequence run alone through
     `oracle_attention` with its own prefix entry."""
     outs, lses = [], []
@@ -129,7 +131,7 @@ def oracle_packed(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, *, ca
         o, lse = oracle_attention(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None],
                                   v[ks].transpose(0, 1)[None], pk, pv, causal=causal, prefix_index=index,
                                   prefix_lengths=None if prefix_lengths is None else prefix_lengths[one],
-                                  softcap=softcap)
+                                  softcap=softcap, window=window)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)

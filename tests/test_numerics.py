@@ -6,12 +6,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs
+from oracle import assert_matches_oracle, assert_within_twice_torch_error, make_inputs, oracle_attention
 
 from prefix_kernels import prefix_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels are interpreted on CPU
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+BACKENDS = ["torch", "torch-two-part", pytest.param("triton", marks=pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
 ATOL = 2e-5  # float32 against the float64 oracle
 
@@ -22,7 +22,7 @@ def _on_device():
         yield
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq", [1, 17])
 def test_fp16_large_logits(backend, sq):
     """Logits in the thousands (q and keys scaled by 30): finite, and within FlashAttention's 2x rule."""
@@ -35,7 +35,7 @@ def test_fp16_large_logits(backend, sq):
     assert all(torch.isfinite(t).all() for t in (o, *grads))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq", [3, 40])
 def test_rows_that_see_no_key(backend, sq):
     """Row 1 has every sequence key masked and prefix length 0: o = 0, lse = -inf, and it sends no gradient
@@ -52,7 +52,7 @@ def test_rows_that_see_no_key(backend, sq):
     assert_matches_oracle(tensors, mask, None, False, backend=backend, atol=ATOL, lengths=lengths)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("s", [5, 20])
 def test_empty_prefix_is_plain_attention(backend, s):
     q = torch.randn(2, 4, s, 16, requires_grad=True)
@@ -69,14 +69,14 @@ def test_empty_prefix_is_plain_attention(backend, s):
     assert got[3].shape == got[4].shape == (2, 0, 16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq, skv", [(1, 1), (3, 3), (20, 4)])
 def test_prefix_longer_than_the_sequence(backend, sq, skv):
     tensors, mask, index = make_inputs(2, 4, 2, sq, skv, 70, 16, "bank", "padding", dtype=torch.float32)
     assert_matches_oracle(tensors, mask, index, True, backend=backend, atol=ATOL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq, skv", [(9, 4), (20, 6)])
 @pytest.mark.parametrize("p", [0, 4])
 def test_more_queries_than_keys_is_bottom_right_causal(backend, sq, skv, p):
@@ -98,7 +98,7 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return wide[..., ::2].detach().requires_grad_()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("sq", [5, 20])
 def test_non_contiguous_inputs(backend, sq):
     """Every input a strided view: q transposed, k/v/prefix with a gapped head dim, a broadcast (stride-0) mask,
@@ -112,7 +112,7 @@ def test_non_contiguous_inputs(backend, sq):
     assert_matches_oracle([q, k, v, pk, pv], mask, index, True, backend=backend, atol=ATOL, lengths=lengths)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("b, sq, skv, p", [(0, 4, 4, 2), (2, 0, 4, 2), (2, 0, 0, 0), (0, 0, 0, 0)])
 @pytest.mark.parametrize("kind", ["shared", "bank"])
 def test_empty_inputs_give_empty_outputs(backend, b, sq, skv, p, kind):
@@ -124,3 +124,35 @@ def test_empty_inputs_give_empty_outputs(backend, b, sq, skv, p, kind):
                               return_lse=True, backend=backend)
     assert o.shape == (b, 4, sq, 16) and o.dtype == q.dtype
     assert lse.shape == (b, 4, sq) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("sq", [1, 17])
+def test_prefix_padding_is_never_read(backend, sq):
+    """Prefix keys past a row's length are padding (a bank of adapters of different lengths): whatever they hold,
+    NaN and inf included, the output and every gradient equal those with zeros there."""
+    tensors, mask, index = make_inputs(3, 4, 2, sq, 9, 6, 16, "bank", "padding", dtype=torch.float32)
+    lengths = torch.tensor([6, 2, 0])
+    poisoned = [t.detach().clone() for t in tensors]
+    poisoned[3][0, :, 2:], poisoned[4][0, :, 3:] = float("nan"), float("inf")  # entry 0: row 1's, length 2
+    poisoned = [t.requires_grad_() for t in poisoned]
+    runs = []
+    for inputs in (tensors, poisoned):
+        o = prefix_attention(*inputs, attention_mask=mask, prefix_index=index, prefix_lengths=lengths,
+                             backend=backend)
+        grads = torch.autograd.grad(o, inputs, torch.ones_like(o))
+        runs.append((o, grads[0], grads[1], grads[2]))
+    for clean, dirty in zip(*runs):
+        assert dirty.isfinite().all()
+        torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_largest_scale_taken_stays_finite(backend):
+    """At the largest `scale` the op takes, logits in the tens of thousands: the output (a near one-hot softmax)
+    matches the float64 oracle and every gradient is finite."""
+    (q, k, v, pk, pv), mask, _ = make_inputs(2, 4, 2, 3, 11, 4, 16, "shared", "padding", dtype=torch.float32)
+    o = prefix_attention(q, k, v, pk, pv, attention_mask=mask, scale=2.0**16, backend=backend)
+    ref, _ = oracle_attention(q, k, v, pk, pv, attention_mask=mask, scale=2.0**16)
+    torch.testing.assert_close(o.double(), ref, atol=ATOL, rtol=0)
+    assert all(g.isfinite().all() for g in torch.autograd.grad(o, (q, k, v, pk, pv), torch.ones_like(o)))

@@ -28,7 +28,7 @@ def grid():
 
 
 @pytest.mark.parametrize("hq, hkv, sq, skv, p, d, kind, mask, causal", grid())
-def test_matches_float64_oracle(hq, hkv, sq, skv, p, d, kind, mask, causal):
+def test_matches_float64_oracle(hq, hkv, sq, skv, p, d, kind, mask, causal, torch_path):
     tensors, mask_t, index = make_inputs(3, hq, hkv, sq, skv, p, d, kind, mask)
     assert_matches_oracle(tensors, mask_t, index, causal)
 
@@ -41,7 +41,7 @@ def test_float32_close_to_oracle(sq, skv):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sq, skv", [(1, 64), (48, 48)])
-def test_half_precision_error_within_twice_torch(dtype, sq, skv):
+def test_half_precision_error_within_twice_torch(dtype, sq, skv, torch_path):
     """FlashAttention's rule: our error at most ~2x that of the same computation done by PyTorch in `dtype`."""
     tensors, mask, _ = make_inputs(2, 8, 2, sq, skv, 16, 64, "shared", "padding", dtype=torch.float64)
     assert_within_twice_torch_error(tensors, mask, dtype, backend="torch")

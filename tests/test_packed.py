@@ -41,11 +41,24 @@ def assert_packed_matches_oracle(lengths_q, lengths_k, hq, hkv, p, kind, causal,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["shared", "row", "bank"])
 @pytest.mark.parametrize("lengths_q, lengths_k", LENGTHS)
-def test_packed_matches_oracle(lengths_q, lengths_k, kind, backend):
+def test_packed_matches_oracle(lengths_q, lengths_k, kind, backend, packing_batches):
     for i, (hq, hkv, p, causal) in enumerate([(4, 2, 5, True), (3, 1, 1, False), (2, 2, 0, True)]):
         if p == 0 and kind == "bank":
             continue
         assert_packed_matches_oracle(lengths_q, lengths_k, hq, hkv, p, kind, causal, backend, lengths=i == 0)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_packed_sliding_window(window, packing_batches):
+    """Each packed sequence's window ends at its own causal edge, queries and keys of different lengths."""
+    tensors, cu_q, cu_k, index = make_packed([2, 1, 6, 4], [6, 1, 9, 4], 4, 2, 3, 16, "bank")
+    o = prefix_attention(*tensors, window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6,
+                         max_seqlen_k=9, prefix_index=index)
+    ref, _ = oracle_packed(*tensors, cu_q, cu_k, prefix_index=index, window=window)
+    torch.testing.assert_close(o, ref, atol=1e-10, rtol=0)
+    grad = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(o, tensors, grad), torch.autograd.grad(ref, tensors, grad)):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -100,3 +100,40 @@ def test_packed_names_must_match_rows_or_sequences(model):
     with pytest.raises(ValueError, match=r"^adapter_names: expected one name per batch row or per packed sequence "
                                          r"\(4\), got 2 names"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], adapter_names=["other", "default"])
+
+
+def windowed(name):
+    """Mistral and Gemma 2 with a sliding window of 3 (Gemma 2: soft-capped logits too), random weights."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=3, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if name == "mistral":
+            return MistralForCausalLM(MistralConfig(**common)).eval()
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, attn_logit_softcapping=5.0, **common)).eval()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_keeps_the_sliding_window(name, flash_kwargs):
+    """Windowed layers see, per packed sequence, the window they see padded (the window bites: sequences of 5 and 7
+    tokens, window 3), prefix gradients included."""
+    model = get_prefix_model(windowed(name), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.prefix_encoders["default"].embedding.weight.data.normal_()
+    sequences = examples([5, 7, 2])
+    ids, mask, labels = padded(sequences)
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels)
+    reference.loss.backward()
+    reference_grad = model.prefix_encoders["default"].embedding.weight.grad.clone()
+    model.zero_grad()
+    out = model(**packed(sequences, flash_kwargs))
+    out.loss.backward()
+    start = 0
+    for row, seq in enumerate(sequences):
+        torch.testing.assert_close(out.logits[0, start:start + len(seq)], reference.logits[row, :len(seq)],
+                                   atol=1e-5, rtol=1e-5)
+        start += len(seq)
+    torch.testing.assert_close(model.prefix_encoders["default"].embedding.weight.grad, reference_grad,
+                               atol=1e-6, rtol=1e-5)

@@ -45,7 +45,15 @@ CASES = [
     ("attention_mask", ValueError, lambda a: a.update(attention_mask=torch.ones(2, 3, 3, 5, dtype=torch.bool))),
     ("attention_mask", ValueError, lambda a: a.update(attention_mask=torch.ones(2, 3, 5, dtype=torch.bool))),
     ("scale", ValueError, lambda a: a.update(scale=-1.0)),
+    ("scale", ValueError, lambda a: a.update(scale=float("inf"))),
+    ("scale", ValueError, lambda a: a.update(scale=float("nan"))),
+    ("scale", ValueError, lambda a: a.update(scale=2.0**70)),
+    ("softcap", ValueError, lambda a: a.update(softcap=float("inf"))),
+    ("softcap", ValueError, lambda a: a.update(softcap=0.0)),
     ("causal", TypeError, lambda a: a.update(causal="yes")),
+    ("window", ValueError, lambda a: a.update(window=0)),
+    ("window", ValueError, lambda a: a.update(window=3, causal=False)),
+    ("window", ValueError, lambda a: a.update(window=3, backend="triton")),
     ("backend", ValueError, lambda a: a.update(backend="cudnn")),
 ]
 

@@ -50,6 +50,7 @@ def prefix_attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,  # T5's relative position bias [1 or B, Hq, Sq, Skv]
     softcap: float | None = None,  # Gemma 2's logit cap
+    sliding_window: int | None = None,  # a windowed layer's window (Mistral, Qwen2, Gemma 2/3)
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns (`[B, Sq, Hq, D]`, no attention weights).
@@ -59,7 +60,8 @@ def prefix_attention_forward(
     """
     if prefix_plan is None:
         return _as_before(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                          is_causal=is_causal, position_bias=position_bias, softcap=softcap, **kwargs)
+                          is_causal=is_causal, position_bias=position_bias, softcap=softcap,
+                          sliding_window=sliding_window, **kwargs)
     if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v (and prefix) in its dtype
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -69,13 +71,15 @@ def prefix_attention_forward(
     if slot is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
-        # [2, (N,) Hkv, P, D]; layers narrower than the widest (per-layer head dims) read a slice, as in PEFT, and a
-        # tensor-parallel rank its own KV heads
+        prefix_k, prefix_v = prefix_plan.layers[slot]  # [(N,) Hkv, P, D]
         start = prefix_plan.layout.head_start(module)
-        kv = prefix_plan.kv[slot][..., start: start + key.shape[1], :, : key.shape[-1]]
-        if kv.dtype != query.dtype:
-            kv = kv.to(query.dtype)
-        prefix_k, prefix_v, index, lengths = kv[0], kv[1], prefix_plan.index, prefix_plan.lengths
+        if start or prefix_k.shape[-3] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
+            # a tensor-parallel rank reads its own KV heads, and a layer narrower than the widest (per-layer head
+            # dims) a slice, as in PEFT
+            prefix_k, prefix_v = (t[..., start: start + key.shape[1], :, : key.shape[-1]] for t in (prefix_k, prefix_v))
+        if prefix_k.dtype != query.dtype:
+            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+        index, lengths = prefix_plan.index, prefix_plan.lengths
         if position_bias is not None and prefix_plan.prefix_position_bias is not None:
             prefix_bias = prefix_plan.prefix_position_bias(query.shape[2], key.shape[2] - query.shape[2])
             rows = max(prefix_bias.shape[0], position_bias.shape[0])
@@ -86,7 +90,8 @@ def prefix_attention_forward(
         out = prefix_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
             causal=causal, scale=scaling, prefix_index=index, prefix_lengths=lengths, softcap=softcap,
-            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest)
+            window=sliding_window if causal else None, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+            max_seqlen_k=longest)
         return out[None], None
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # the 4-D mask holds the whole pattern

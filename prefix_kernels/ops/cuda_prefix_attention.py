@@ -80,7 +80,7 @@ def check(p: AttentionProblem) -> None:
     if sq > MAX_SEQ_Q:
         raise ValueError(f"q: backend 'cuda' is a decode kernel for Sq <= {MAX_SEQ_Q}, got Sq={sq} "
                          "(use backend 'triton' for prefill)")
-    for name, given in (("attention_bias", p.bias), ("softcap", p.softcap)):
+    for name, given in (("attention_bias", p.bias), ("softcap", p.softcap), ("window", p.window)):
         if given is not None:
             raise ValueError(f"{name}: backend 'cuda' does not take it, got one; expected None "
                              "(backends 'triton' and 'torch' do)")

@@ -18,6 +18,7 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
 _MODULES = {"torch": "torch_prefix_attention", "triton": "triton_prefix_attention", "cuda": "cuda_prefix_attention"}
+_LOADED = {}
 
 
 def _triton_runnable(device: torch.device) -> str | None:
@@ -43,11 +44,15 @@ def _triton_takes(head_dim: int, dtype: torch.dtype) -> str | None:
 
 
 def backend(name: str):
-    """The backend module called `name` (one of BACKENDS)."""
-    return importlib.import_module(f".{_MODULES[name]}", __package__)
+    """The backend module called `name` (one of BACKENDS), imported on first use."""
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f".{_MODULES[name]}", __package__)
+    return module
 
 
-def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+def select_backend(requested: str | None, device: torch.device, head_dim: int, dtype: torch.dtype,
+                   window: int | None = None) -> str:
     """The name of the backend for `requested` (None = automatic) on `device`, or raise why it can't run.
 
     Automatic: triton for CUDA tensors when triton imports and takes the head dim and dtype, else torch
@@ -56,8 +61,9 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int, d
     name = requested if requested is not None else os.environ.get(ENV_VAR) or None
     source = "backend" if requested is not None else ENV_VAR
     if name is None:
-        triton_ok = _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None
-        return "triton" if device.type == "cuda" and triton_ok else "torch"
+        if device.type != "cuda" or window is not None:
+            return "torch"
+        return "triton" if _triton_runnable(device) is None and _triton_takes(head_dim, dtype) is None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
     if name == "triton":
@@ -67,6 +73,9 @@ def select_backend(requested: str | None, device: torch.device, head_dim: int, d
         why = _triton_takes(head_dim, dtype)
         if why:
             raise ValueError(f"q: {why}")
+        if window is not None:
+            raise ValueError("window: backend 'triton' takes no sliding window yet; backend 'torch' (chosen "
+                             "automatically) does")
     if name == "cuda":
         why = backend("cuda").why_not_runnable(device)
         if why:

@@ -13,12 +13,13 @@ from .validate import check_inputs, check_values
 
 _Tensor = torch.Tensor
 _MaybeTensor = torch.Tensor | None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-             max_seqlen_q, max_seqlen_k, causal, scale, softcap) -> AttentionProblem:
+             max_seqlen_q, max_seqlen_k, causal, scale, softcap, window) -> AttentionProblem:
     return AttentionProblem(q, k, v, prefix_k, prefix_v, causal, scale, prefix_index=prefix_index,
-                            prefix_lengths=prefix_lengths, mask=mask, bias=bias, softcap=softcap,
+                            prefix_lengths=prefix_lengths, mask=mask, bias=bias, softcap=softcap, window=window,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k)
 
@@ -32,11 +33,11 @@ def _attention(
     q: _Tensor, k: _Tensor, v: _Tensor, prefix_k: _Tensor, prefix_v: _Tensor, prefix_index: _MaybeTensor,
     prefix_lengths: _MaybeTensor, mask: _MaybeTensor, bias: _MaybeTensor, cu_seqlens_q: _MaybeTensor,
     cu_seqlens_k: _MaybeTensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
-    softcap: float | None, backend: str,
+    softcap: float | None, window: int | None, backend: str,
 ) -> tuple[_Tensor, _Tensor]:
     """(o `[B, Sq, Hq, D]` contiguous, lse `[B, Hq, Sq]`) of the checked inputs (see `AttentionProblem`)."""
     p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-                 max_seqlen_q, max_seqlen_k, causal, scale, softcap)
+                 max_seqlen_q, max_seqlen_k, causal, scale, softcap, window)
     check_values(p)
     o, lse = dispatch.backend(backend).forward(p)
     return o.contiguous(), lse.to(_lse_dtype(q)).contiguous()  # the layouts the fake implementation promises
@@ -44,7 +45,7 @@ def _attention(
 
 @_attention.register_fake
 def _attention_fake(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-                    max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend):
+                    max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend):
     b, hq, sq, d = q.shape
     return q.new_empty(b, sq, hq, d), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
 
@@ -54,12 +55,13 @@ def _attention_backward(
     d_o: _Tensor, q: _Tensor, k: _Tensor, v: _Tensor, prefix_k: _Tensor, prefix_v: _Tensor, o: _Tensor,
     lse: _Tensor, prefix_index: _MaybeTensor, prefix_lengths: _MaybeTensor, mask: _MaybeTensor, bias: _MaybeTensor,
     cu_seqlens_q: _MaybeTensor, cu_seqlens_k: _MaybeTensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-    scale: float, softcap: float | None, backend: str, need_dq: bool, need_dkv: bool, need_dprefix: bool,
+    scale: float, softcap: float | None, window: int | None, backend: str, need_dq: bool, need_dkv: bool,
+    need_dprefix: bool,
 ) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
     """(dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), all contiguous; an empty tensor for each gradient
     not asked for. `d_o` and `o` are `[B, Sq, Hq, D]`, as the forward returns o."""
     p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-                 max_seqlen_q, max_seqlen_k, causal, scale, softcap)
+                 max_seqlen_q, max_seqlen_k, causal, scale, softcap, window)
     grads = dispatch.backend(backend).backward(p, o.transpose(1, 2), lse, d_o.transpose(1, 2), need_dq, need_dkv,
                                                need_dprefix)
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
@@ -67,8 +69,8 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _attention_backward_fake(d_o, q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
-                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend,
-                             need_dq, need_dkv, need_dprefix):
+                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap, window,
+                             backend, need_dq, need_dkv, need_dprefix):
     def maybe(need, t, shape):
         return t.new_empty(shape) if need else q.new_empty(0)
 
@@ -79,11 +81,11 @@ def _attention_backward_fake(d_o, q, k, v, prefix_k, prefix_v, o, lse, prefix_in
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-     max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend) = inputs
+     max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend) = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
                           cu_seqlens_q, cu_seqlens_k)
-    ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, softcap, backend)
+    ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend)
     ctx.mark_non_differentiable(lse)
 
 
@@ -94,10 +96,21 @@ def _backward(ctx, d_o, d_lse):
     dq, dk, dv, dpk, dpv = _attention_backward(d_o, q, k, v, prefix_k, prefix_v, o, lse, *rest, *ctx.options,
                                                need_dq, need_dkv, need_dprefix)
     return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            dpk if need[3] else None, dpv if need[4] else None) + (None,) * 12
+            dpk if need[3] else None, dpv if need[4] else None) + (None,) * 13
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _plain_call(p: AttentionProblem) -> bool:
+    """Whether a call can skip the custom op and its autograd: eager (not traced by torch.compile), plain tensors
+    (no fake, functional or distributed tensor subclass), and no gradient to record."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in (p.q, p.k, p.v, p.prefix_k, p.prefix_v):
+        if type(t) not in _PLAIN or (t.requires_grad and torch.is_grad_enabled()):
+            return False
+    return True
 
 
 def prefix_attention(
@@ -114,6 +127,7 @@ def prefix_attention(
     prefix_lengths: torch.Tensor | None = None,
     attention_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    window: int | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
@@ -145,6 +159,10 @@ def prefix_attention(
             `[.., P + Skv]` added over `[prefix ; sequence]` (T5's relative position bias with the prefix as the
             first P positions). It receives no gradient.
         softcap: cap the logits as `softcap * tanh(logits / softcap)` before bias and mask (Gemma 2), or None.
+        window: with `causal`, a sliding window over the sequence keys (Mistral, Gemma 2/3): query i sees at most
+            the last `window` sequence keys up to its causal edge, `edge - window < j <= edge` with
+            `edge = Skv - Sq + i` (per packed sequence when packed; FlashAttention's `window_size=(window - 1, 0)`).
+            Prefix keys stay visible to every query. None: no window.
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed sequences, FlashAttention's varlen
             convention. q is then `[total_q, Hq, D]` and k, v `[total_k, Hkv, D]`, the N sequences back to back;
             `cu_seqlens_*` (int32 `[N + 1]`) are their offsets (0 first, the total last), `max_seqlen_*` (ints)
@@ -183,15 +201,21 @@ def prefix_attention(
     p = check_inputs(
         q, k, v, prefix_k, prefix_v,
         causal=causal, scale=scale, attention_mask=attention_mask, prefix_index=prefix_index,
-        prefix_lengths=prefix_lengths, attention_bias=attention_bias, softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        prefix_lengths=prefix_lengths, attention_bias=attention_bias, softcap=softcap, window=window,
+        cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
-    name = dispatch.select_backend(backend, q.device, q.shape[-1], q.dtype)
+    name = dispatch.select_backend(backend, q.device, q.shape[-1], q.dtype, window=p.window)
     if name == "cuda":
         dispatch.backend("cuda").check(p)
-    o, lse = _attention(
-        p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias, p.cu_seqlens_q,
-        p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, name,
-    )
+    if _plain_call(p):  # nothing to trace, no gradient to record: run the backend without the op's layers
+        check_values(p)
+        o, lse = dispatch.backend(name).forward(p)
+    else:
+        o, lse = _attention(
+            p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias,
+            p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, p.window,
+            name,
+        )
     o, lse = (o[0], lse[0]) if p.packed else (o.transpose(1, 2), lse)
     return (o, lse.detach().float()) if return_lse else o

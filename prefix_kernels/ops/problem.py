@@ -39,6 +39,7 @@ class AttentionProblem:
     mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     softcap: float | None = None  # logits (before bias and mask) become softcap * tanh(logits / softcap)
+    window: int | None = None  # causal only: sequence key j visible iff edge - window < j <= edge
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0  # the longest packed sequence (host ints: they size grids without reading devices)

@@ -13,13 +13,21 @@ descheduled thread.
 
 Backward uses the FlashAttention identity: given the *merged* output O and LSE, each part's backward (the flash
 kernel's, or the same formula in matmuls, `dS = P * (dP - rowsum(dO * O))`) yields exactly that part's share of
-dQ and its own dK, dV. Packed sequences run one sequence at a time over views of the packed tensors.
+dQ and its own dK, dV.
+
+Small problems (a decode step of a small model: few query rows, a short cache) are bound by host work, not
+arithmetic: there the forward is one joint softmax over the logits of both parts (`_joint_forward`, about a dozen
+ATen calls in all), with no second attention call and no merge. Packed sequences are gathered into left-padded
+batches (`torch_varlen`), so a call costs a few batched computations whatever the number of sequences.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from . import torch_varlen
+from .memo import derived
 from .problem import AttentionProblem
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -37,16 +45,19 @@ class _Part:
     visible: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1, N], True = attend
     bias: torch.Tensor | None  # float [B|1, Hq|1, Sq|1, N], added to the logits
     empty: torch.Tensor | None  # bool [B|1, Hq|1, Sq|1]: rows that see none of these keys
+    hidden: torch.Tensor | None = None  # bool [B, 1, N, 1]: keys a row never reads (prefix past its length)
 
     @property
     def shared(self) -> bool:
         return self.k.dim() == 3
 
     def rowwise(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """k or v as `[B, Hkv, N, D]`: a shared prefix as a stride-0 view, a bank's entries gathered."""
+        """k or v as `[B, Hkv, N, D]`: a shared prefix as a stride-0 view, a bank's entries gathered; zeros where
+        `hidden`, so keys a row never reads cannot reach it, whatever they hold."""
         if self.shared:
             return t.expand(batch, *t.shape)
-        return t if self.index is None else t.index_select(0, self.index)
+        rows = t if self.index is None else t.index_select(0, self.index)
+        return rows if self.hidden is None else rows.masked_fill(self.hidden, 0.0)
 
     def reduce(self, grad: torch.Tensor) -> torch.Tensor:
         """A per-row gradient `[B, Hkv, N, D]` -> the keys' own shape, summed over the rows that share them."""
@@ -61,16 +72,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _band(sq: int, skv: int, device) -> torch.Tensor:
-    """bool `[1, 1, Sq, Skv]`: bottom-right causal, query i sees key j iff j <= Skv - Sq + i."""
-    return torch.arange(skv, device=device) <= torch.arange(sq, device=device)[:, None] + (skv - sq)
+def _band(sq: int, skv: int, device, window: int | None = None) -> torch.Tensor:
+    """bool `[Sq, Skv]`: bottom-right causal, query i sees key j iff j <= edge = Skv - Sq + i, and with a window
+    only the last `window` keys up to its edge."""
+    offset = torch.arange(skv, device=device) - torch.arange(sq, device=device)[:, None] - (skv - sq)  # j - edge
+    return offset <= 0 if window is None else (offset <= 0) & (offset > -window)
 
 
 def _sequence_part(p: AttentionProblem, flash: bool) -> _Part:
     sq, skv = p.q.shape[2], p.k.shape[2]
     visible, top_left, empty = p.mask, False, None
     key_padding = visible is None or (visible.shape[1] == 1 and visible.shape[2] == 1)
-    if p.causal and sq > 1:
+    if p.window is not None:
+        band = _band(sq, skv, p.q.device, p.window)[None, None]
+        visible = band if visible is None else visible & band
+    elif p.causal and sq > 1:
         if flash and sq == skv and key_padding:
             top_left = True  # top-left and bottom-right causal coincide
             if visible is not None:  # row i is empty iff no real key at or before i
@@ -86,11 +102,13 @@ def _sequence_part(p: AttentionProblem, flash: bool) -> _Part:
 
 
 def _prefix_part(p: AttentionProblem) -> _Part:
-    visible = empty = None
+    visible = empty = hidden = None
     if p.prefix_lengths is not None:
-        visible = (torch.arange(p.prefix_k.shape[-2], device=p.q.device) < p.prefix_lengths[:, None])[:, None, None]
+        hidden = _hidden_prefix(p.prefix_lengths, p.prefix_k.shape[-2])  # [B, 1, 1, P]
+        visible = ~hidden
         empty = (p.prefix_lengths == 0)[:, None, None]
-    return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty)
+        hidden = hidden.transpose(-1, -2)
+    return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty, hidden)
 
 
 def _merge(o_seq, lse_seq, o_pre, lse_pre):
@@ -115,7 +133,8 @@ class _Rows:
             return t
         if t.shape[1] == 1 and t.shape[2] == 1:
             return t
-        t = t.expand(t.shape[0], self.hq, self.sq, *t.shape[3:])
+        if t.shape[1] != self.hq or t.shape[2] != self.sq:
+            t = t.expand(t.shape[0], self.hq, self.sq, *t.shape[3:])
         return t.reshape(t.shape[0], self.hkv, (self.hq // self.hkv) * self.sq, *t.shape[3:])
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
@@ -228,6 +247,86 @@ def _matmul_part_backward(qg, dog, lse_rows, delta, part: _Part, rows: _Rows, p:
     return dq, dk, dv
 
 
+# ---- small problems: one joint softmax ---------------------------------------------------------------------------
+
+# Up to this many logits (B * Hq * Sq * (P + Skv)) a forward takes `_joint_forward`: below it, host work per ATen call
+# dominates and one softmax over both parts costs the fewest calls; above it, the fused kernels' blocking wins.
+JOINT_MAX_LOGITS = 1 << 19
+
+
+def _takes_joint(p: AttentionProblem) -> bool:
+    b, hq, sq, _ = p.q.shape
+    return b * hq * sq * (p.prefix_k.shape[-2] + p.k.shape[2]) <= JOINT_MAX_LOGITS
+
+
+def _hidden_prefix(lengths: torch.Tensor, n_pre: int) -> torch.Tensor:
+    """bool `[B, 1, 1, P]`: the prefix keys past each row's length."""
+    return derived(lengths, ("hidden", n_pre),
+                   lambda: (torch.arange(n_pre, device=lengths.device) >= lengths[:, None])[:, None, None, :])
+
+
+def _all_positive(lengths: torch.Tensor) -> bool:
+    """Whether every row sees a prefix key (read on the host only for CPU tensors; elsewhere assume not)."""
+    return lengths.device.type == "cpu" and derived(lengths, ("all positive",), lambda: bool((lengths > 0).all()))
+
+
+def _joint_forward(p: AttentionProblem):
+    """(o `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]`): logits of both parts in one tensor, one softmax.
+
+    Rows are grouped (the G query heads of a KV head stacked, M = G * Sq), so each key is read once per group, and
+    every product is one `bmm` over 3-D views, scaled as it is written. A shared prefix is read as `[Hkv, P, D]`
+    against all B * M rows of a head at once, never expanded per row; a bank's rows are gathered, their values
+    zeroed past each row's length, so padding is never read, whatever it holds.
+    """
+    b, hq, sq, d = p.q.shape
+    hkv, skv, n_pre = p.k.shape[1], p.k.shape[2], p.prefix_k.shape[-2]
+    m, acc = hq // hkv * sq, _acc_dtype(p.q.dtype)
+    rows = _Rows(p, grouped=True)
+    q, k, v, pk, pv = rows(p.q), p.k, p.v, p.prefix_k, p.prefix_v
+    if q.dtype != acc:
+        q, k, v, pk, pv = q.to(acc), k.to(acc), v.to(acc), pk.to(acc), pv.to(acc)
+    q3 = q.reshape(b * hkv, m, d)
+    scale = p.scale if p.softcap is None else p.scale / p.softcap
+    hidden_prefix = None if p.prefix_lengths is None else _hidden_prefix(p.prefix_lengths, n_pre)  # [B, 1, 1, P]
+    s = q.new_empty(b, hkv, m, n_pre + skv)  # the scaled logits, [prefix ; sequence]
+    s_seq = s[..., n_pre:].view(b * hkv, m, skv)
+    torch.baddbmm(s_seq, q3, k.reshape(b * hkv, skv, d).transpose(1, 2), beta=0, alpha=scale, out=s_seq)
+    if p.shared_prefix:  # [Hkv, B * M, D] @ [Hkv, D, P]
+        folded_q = q.transpose(0, 1).reshape(hkv, b * m, d)
+        s[..., :n_pre] = torch.baddbmm(folded_q.new_empty(()), folded_q, pk.transpose(1, 2), beta=0,
+                                       alpha=scale).view(hkv, b, m, n_pre).transpose(0, 1)
+    else:
+        if p.prefix_index is not None:
+            pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
+        if hidden_prefix is not None:
+            pv = pv.masked_fill(hidden_prefix.transpose(-1, -2), 0.0)
+        s_pre = s[..., :n_pre].view(b * hkv, m, n_pre)
+        torch.baddbmm(s_pre, q3, pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0, alpha=scale, out=s_pre)
+    if p.softcap is not None:
+        s.tanh_().mul_(p.softcap)
+    if p.bias is not None:
+        s[..., n_pre + skv - p.bias.shape[-1]:] += rows(p.bias).to(acc)
+    if hidden_prefix is not None:
+        s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
+    if p.window is not None or (p.causal and sq > 1):
+        band = _band(sq, skv, q.device, p.window)[None, None]
+        s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
+    elif p.mask is not None:
+        s[..., n_pre:].masked_fill_(derived(p.mask, ("hidden", hq, sq), lambda: ~rows(p.mask)), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, M]
+    probs = torch.softmax(s, dim=-1).view(b * hkv, m, n_pre + skv)
+    o = torch.bmm(probs[..., n_pre:], v.reshape(b * hkv, skv, d))  # [B * Hkv, M, D]
+    if p.shared_prefix:
+        folded_probs = probs[..., :n_pre].view(b, hkv, m, n_pre).transpose(0, 1).reshape(hkv, b * m, n_pre)
+        o.view(b, hkv, m, d).add_(torch.bmm(folded_probs, pv).view(hkv, b, m, d).transpose(0, 1))
+    else:
+        o.baddbmm_(probs[..., :n_pre], pv.reshape(b * hkv, n_pre, d))
+    if not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths)):
+        o.masked_fill_((lse == float("-inf")).view(b * hkv, m, 1), 0.0)  # rows that see no key: 0, not NaN
+    o = o.view(b, hq, sq, d).transpose(1, 2) if sq > 1 else o.view(b, 1, hq, d)
+    return o.to(p.q.dtype).contiguous(), lse.view(b, hq, sq)
+
+
 # ---- one batch (or one packed sequence) ---------------------------------------------------------------------------
 
 def _uses_flash(p: AttentionProblem) -> bool:
@@ -246,8 +345,7 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
 
 def _contiguous_d(part: _Part) -> _Part:
     k, v = _unit_stride_d(part.k), _unit_stride_d(part.v)
-    return part if k is part.k and v is part.v else _Part(k, v, part.index, part.top_left_causal, part.visible,
-                                                          part.bias, part.empty)
+    return part if k is part.k and v is part.v else dataclasses.replace(part, k=k, v=v)
 
 
 def _part_forward(p: AttentionProblem, part: _Part, flash: bool):
@@ -277,31 +375,20 @@ def _part_backward(p: AttentionProblem, part: _Part, flash: bool, o, lse_rows, d
     return rows.back(dq), dk, dv
 
 
-def _prefix_whole(p: AttentionProblem) -> bool:
-    """Whether a packed problem's prefix part runs once over all its tokens: every sequence reads the same prefix
-    keys, all of them."""
-    return p.shared_prefix and p.prefix_lengths is None
-
-
 # ---- the backend ------------------------------------------------------------------------------------------------
 
-def _sequences(p: AttentionProblem):
-    """(sub-problem, query slice, key slice, row) for each packed sequence, as views of the packed tensors."""
-    starts_q, starts_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
-    for row, (q0, q1, k0, k1) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
-        if q0 == q1:
-            continue  # no queries: nothing to compute, and its keys get no gradient
-        one = slice(row, row + 1)
-        prefix_k, prefix_v, index = p.prefix_k, p.prefix_v, p.prefix_index
-        if index is not None:
-            index = index[one]
-        elif not p.shared_prefix:
-            prefix_k, prefix_v = prefix_k[one], prefix_v[one]
-        sub = AttentionProblem(
-            p.q[:, :, q0:q1], p.k[:, :, k0:k1], p.v[:, :, k0:k1], prefix_k, prefix_v, p.causal, p.scale,
-            prefix_index=index, softcap=p.softcap,
-            prefix_lengths=None if p.prefix_lengths is None else p.prefix_lengths[one])
-        yield sub, slice(q0, q1), slice(k0, k1), row
+def _batched_forward(p: AttentionProblem):
+    """(o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]`) of a batched (not packed) problem."""
+    if _takes_joint(p):
+        return _joint_forward(p)
+    b, hq, sq, d = p.q.shape
+    flash = _uses_flash(p)
+    o_seq, lse_seq = _part_forward(p, _sequence_part(p, flash), flash)
+    o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
+    merged, lse = _merge(o_seq, lse_seq, o_pre, lse_pre)
+    o = p.q.new_empty(b, sq, hq, d)
+    o.transpose(1, 2).copy_(merged)
+    return o, lse
 
 
 def forward(p: AttentionProblem):
@@ -309,41 +396,21 @@ def forward(p: AttentionProblem):
     float64 inputs)."""
     b, hq, sq, d = p.q.shape
     acc = _acc_dtype(p.q.dtype)
-    o = p.q.new_empty(b, sq, hq, d)
-    if p.q.numel() == 0:
-        return o.zero_(), p.q.new_full((b, hq, sq), float("-inf"), dtype=acc)
-    flash = _uses_flash(p)
     if not p.packed:
-        o_seq, lse_seq = _part_forward(p, _sequence_part(p, flash), flash)
-        o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
-    else:  # each sequence's own keys; the prefix once for every token when all read the same one
-        o_seq, o_pre = (torch.zeros(b, hq, sq, d, dtype=acc, device=p.q.device) for _ in range(2))
-        lse_seq, lse_pre = (torch.full((b, hq, sq), float("-inf"), dtype=acc, device=p.q.device) for _ in range(2))
-        whole = _prefix_whole(p)
-        if whole:
-            o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
-        for sub, qs, _, _ in _sequences(p):
-            o_seq[:, :, qs], lse_seq[:, :, qs] = _part_forward(sub, _sequence_part(sub, flash), flash)
-            if not whole:
-                o_pre[:, :, qs], lse_pre[:, :, qs] = _part_forward(sub, _prefix_part(sub), flash)
-    merged, lse = _merge(o_seq, lse_seq, o_pre, lse_pre)
-    o.transpose(1, 2).copy_(merged)
-    return o, lse
+        if p.q.numel() == 0:
+            return p.q.new_zeros(b, sq, hq, d), p.q.new_full((b, hq, sq), float("-inf"), dtype=acc)
+        return _batched_forward(p)
+    o = p.q.new_zeros(sq, hq, d)  # packed: token-major
+    lse = p.q.new_full((sq, hq), float("-inf"), dtype=acc)
+    for batch in torch_varlen.batches(p):
+        o_b, lse_b = _batched_forward(batch.problem(p))
+        batch.unpad(o_b, batch.src_q, batch.dest_q, o)
+        batch.unpad(lse_b.transpose(1, 2), batch.src_q, batch.dest_q, lse)
+    return o[None], lse.t()[None]
 
 
-def _accumulate(totals, grads) -> None:
-    """Add each gradient into its running total (a buffer, or a view of one); totals not asked for are None."""
-    for total, grad in zip(totals, grads):
-        if total is not None:
-            total += grad
-
-
-def _at(total: torch.Tensor | None, index) -> torch.Tensor | None:
-    return None if total is None else total[index]
-
-
-def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
-    """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
+def _batched_backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """The gradients of a batched problem, in the accumulation dtype; None where not asked for."""
     acc = _acc_dtype(p.q.dtype)
 
     def zeros(like: torch.Tensor, needed: bool) -> torch.Tensor | None:
@@ -354,22 +421,52 @@ def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, ne
     if p.q.numel():
         flash = _uses_flash(p)
         lse_rows = lse.to(acc).masked_fill(lse.isinf(), 0.0)
-        if not p.packed:
-            _accumulate((dq, dk, dv), _part_backward(p, _sequence_part(p, flash), flash, o, lse_rows, d_o))
-            _accumulate((dq, dpk, dpv), _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o))
-        else:
-            whole = _prefix_whole(p)
-            if whole:
-                _accumulate((dq, dpk, dpv), _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o))
-            for sub, qs, ks, row in _sequences(p):
-                views = (o[:, :, qs], lse_rows[:, :, qs], d_o[:, :, qs])
-                queries, keys = (slice(None), slice(None), qs), (slice(None), slice(None), ks)
-                _accumulate((_at(dq, queries), _at(dk, keys), _at(dv, keys)),
-                            _part_backward(sub, _sequence_part(sub, flash), flash, *views))
-                if not whole:
-                    own = slice(None) if p.prefix_index is not None else slice(row, row + 1)
-                    _accumulate((_at(dq, queries), _at(dpk, own), _at(dpv, own)),
-                                _part_backward(sub, _prefix_part(sub), flash, *views))
+        _accumulate((dq, dk, dv), _part_backward(p, _sequence_part(p, flash), flash, o, lse_rows, d_o))
+        _accumulate((dq, dpk, dpv), _part_backward(p, _prefix_part(p), flash, o, lse_rows, d_o))
+    return dq, dk, dv, dpk, dpv
+
+
+def _accumulate(totals, grads) -> None:
+    """Add each gradient into its running total; totals not asked for are None."""
+    for total, grad in zip(totals, grads):
+        if total is not None:
+            total += grad
+
+
+def _packed_backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """The gradients of a packed problem, batch by padded batch, in the accumulation dtype (dq and dk, dv
+    token-major `[T, H, D]`)."""
+    acc = _acc_dtype(p.q.dtype)
+    o, d_o, lse = o[0].transpose(0, 1), d_o[0].transpose(0, 1), lse[0].t()  # token-major
+    dq = torch.zeros(p.q.shape[2], p.q.shape[1], p.q.shape[3], dtype=acc, device=p.q.device) if need_dq else None
+    dk, dv = ((torch.zeros(p.k.shape[2], p.k.shape[1], p.k.shape[3], dtype=acc, device=p.q.device)
+               for _ in range(2)) if need_dkv else (None, None))
+    dpk, dpv = ((torch.zeros(p.prefix_k.shape, dtype=acc, device=p.q.device) for _ in range(2)) if need_dprefix
+                else (None, None))
+    for batch in torch_varlen.batches(p):
+        o_b, d_o_b, lse_b = (batch.pad(t, batch.src_q, batch.dest_q, batch.mq).transpose(1, 2) for t in (o, d_o, lse))
+        g_q, g_k, g_v, g_pk, g_pv = _batched_backward(batch.problem(p), o_b, lse_b, d_o_b, need_dq, need_dkv,
+                                                      need_dprefix)
+        if need_dq:
+            batch.unpad(g_q.transpose(1, 2), batch.src_q, batch.dest_q, dq)
+        if need_dkv:
+            batch.unpad(g_k.transpose(1, 2), batch.src_k, batch.dest_k, dk)
+            batch.unpad(g_v.transpose(1, 2), batch.src_k, batch.dest_k, dv)
+        if need_dprefix:
+            if p.shared_prefix or p.prefix_index is not None:
+                dpk += g_pk
+                dpv += g_pv
+            else:
+                dpk.index_add_(0, batch.rows, g_pk)
+                dpv.index_add_(0, batch.rows, g_pv)
+    dk, dv = (None if t is None else t.transpose(0, 1)[None] for t in (dk, dv))
+    return None if dq is None else dq[None].transpose(1, 2), dk, dv, dpk, dpv
+
+
+def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
+    run = _packed_backward if p.packed else _batched_backward
+    dq, dk, dv, dpk, dpv = run(p, o, lse, d_o, need_dq, need_dkv, need_dprefix)
     return (dq.transpose(1, 2).to(p.q.dtype) if need_dq else None,
             dk.to(p.k.dtype) if need_dkv else None, dv.to(p.v.dtype) if need_dkv else None,
             dpk.to(p.prefix_k.dtype) if need_dprefix else None, dpv.to(p.prefix_v.dtype) if need_dprefix else None)

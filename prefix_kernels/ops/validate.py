@@ -7,8 +7,11 @@ op runs inside its kernel call: on CPU it raises the same clear errors, on CUDA 
 instead of waiting for the device. Nothing here copies a tensor: the inputs come back as views.
 """
 
+import math
+
 import torch
 
+from .memo import derived
 from .problem import AttentionProblem
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,9 +72,7 @@ def _check_mask(attention_mask, q, skv: int):
         if tuple(attention_mask.shape) != (batch, skv):
             raise ValueError(
                 f"attention_mask: a key-padding mask must be [B={batch}, Skv={skv}], got {_shape(attention_mask)}")
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask != 0
-        return attention_mask[:, None, None, :]
+        return derived(attention_mask, ("key padding",), lambda: (attention_mask != 0)[:, None, None, :])
     if attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
             raise TypeError(f"attention_mask: a 4-D mask must be boolean (True = attend), got {attention_mask.dtype}")
@@ -102,11 +103,21 @@ def _check_bias(attention_bias, q, skv: int, n_prefix: int):
     return attention_bias.detach()
 
 
-def _positive(name: str, value, allow_none: bool) -> float | None:
+# The largest `scale` taken. The fused kernels compute exp2 of logits * scale * log2(e) in float32 with one
+# multiply-subtract (FlashAttention's trick), exact while those stay well below 2**24; past this bound a logit of
+# modest size would not, and the backends would disagree.
+MAX_SCALE = 2.0**16
+
+
+def _positive(name: str, value, allow_none: bool, most: float = math.inf) -> float | None:
+    """A finite positive float no larger than `most` (or None, where allowed)."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name}: expected a positive float{' or None' if allow_none else ''}, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= most \
+            or not math.isfinite(value):
+        bound = f" at most {most:g}" if math.isfinite(most) else ""
+        raise ValueError(f"{name}: expected a finite positive float{bound}{' or None' if allow_none else ''}, got "
+                         f"{value!r}")
     return float(value)
 
 
@@ -136,8 +147,8 @@ def _check_packing(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, prefix_index,
-                 prefix_lengths=None, attention_bias=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                 max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
+                 prefix_lengths=None, attention_bias=None, softcap=None, window=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
     """Validate `prefix_attention`'s arguments (shapes, dtypes, devices); return them as an `AttentionProblem`.
 
     Packed inputs (`cu_seqlens_q` given) `[total, H, D]` become a batch of one row, `[1, H, total, D]` views.
@@ -178,15 +189,30 @@ def check_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, attention_mask, 
                              f"shape {_shape(prefix_k)}")
         _check_row_tensor("prefix_lengths", prefix_lengths, rows, what, q.device)
     bias = _check_bias(attention_bias, q, k.shape[2], prefix_k.shape[-2])
-    scale = d**-0.5 if scale is None else _positive("scale", scale, allow_none=False)
+    scale = d**-0.5 if scale is None else _positive("scale", scale, allow_none=False, most=MAX_SCALE)
     softcap = _positive("softcap", softcap, allow_none=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window: expected a positive int (sequence keys a query sees) or None, got {window!r}")
+        if not causal:
+            raise ValueError("window: a sliding window needs causal=True (it ends at each query's causal edge), got "
+                             "causal=False")
     return AttentionProblem(
         q, k, v, prefix_k, prefix_v, causal, scale, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-        mask=mask, bias=bias, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        mask=mask, bias=bias, softcap=softcap, window=window, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0,
     )
+
+
+def _check_once(t: torch.Tensor, bounds: tuple, check) -> None:
+    """Run `check(t)` (which raises, or on CUDA queues an assert) once per version of a CPU tensor and `bounds`:
+    the plan of a model call hands the same index, lengths and offsets to every layer."""
+    if t.device.type != "cpu":
+        check(t)
+    else:
+        derived(t, ("checked", *bounds), lambda: check(t) or True)
 
 
 def _value_error(condition: torch.Tensor, message: str) -> None:
@@ -199,22 +225,37 @@ def _value_error(condition: torch.Tensor, message: str) -> None:
         torch._assert_async(condition, message)
 
 
+def _in_range(name: str, low: int, high: int, message: str):
+    def check(t: torch.Tensor) -> None:
+        if t.numel():
+            lowest, highest = torch.aminmax(t)
+            _value_error((lowest >= low) & (highest <= high), f"{name}: {message}")
+    return check
+
+
+def _offsets(name: str, total: int, longest: int):
+    def check(cu: torch.Tensor) -> None:
+        lengths = cu.diff()
+        ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+        _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no sequence "
+                         f"longer than its max_seqlen ({longest})")
+    return check
+
+
 def check_values(p: AttentionProblem) -> None:
     """The checks that read tensor values: bank indices in range, prefix lengths within P, sequence offsets that
-    start at 0, never decrease, end at the totals and respect the max_seqlen bounds."""
+    start at 0, never decrease, end at the totals and respect the max_seqlen bounds. A CPU tensor is checked once
+    per version and bounds."""
     what = "packed sequence" if p.packed else "batch row"
-    if p.prefix_index is not None and p.prefix_index.numel():
+    if p.prefix_index is not None:
         n = p.prefix_k.shape[0]
-        _value_error(((p.prefix_index >= 0) & (p.prefix_index < n)).all(),
-                     f"prefix_index: expected every {what}'s entry in [0, {n}) (the bank size)")
-    if p.prefix_lengths is not None and p.prefix_lengths.numel():
+        _check_once(p.prefix_index, ("index", n), _in_range(
+            "prefix_index", 0, n - 1, f"expected every {what}'s entry in [0, {n}) (the bank size)"))
+    if p.prefix_lengths is not None:
         n = p.prefix_k.shape[-2]
-        _value_error(((p.prefix_lengths >= 0) & (p.prefix_lengths <= n)).all(),
-                     f"prefix_lengths: expected every {what}'s length in [0, P={n}]")
+        _check_once(p.prefix_lengths, ("lengths", n), _in_range(
+            "prefix_lengths", 0, n, f"expected every {what}'s length in [0, P={n}]"))
     if p.packed:
         for name, cu, total, longest in (("cu_seqlens_q", p.cu_seqlens_q, p.q.shape[2], p.max_seqlen_q),
                                          ("cu_seqlens_k", p.cu_seqlens_k, p.k.shape[2], p.max_seqlen_k)):
-            lengths = cu.diff()
-            ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
-            _value_error(ok, f"{name}: expected offsets from 0 to the total {total}, never decreasing, with no "
-                             f"sequence longer than its max_seqlen ({longest})")
+            _check_once(cu, (name, total, longest), _offsets(name, total, longest))
