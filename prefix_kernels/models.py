@@ -279,10 +279,12 @@ class PrefixModel(nn.Module):
         dtype = self.base_model.dtype
         if names is None:
             encoder = self.prefix_encoders[self.active_adapter]
-            return single_plan(encoder().to(dtype), self._layout, encoder.num_virtual_tokens)
+            return single_plan(self._layout.whole_gradient(encoder()).to(dtype), self._layout,
+                               encoder.num_virtual_tokens)
         if len(names) != rows:
             raise ValueError(f"adapter_names: expected {expected} ({rows}), got {len(names)} names")
-        tables = {name: self.prefix_encoders[name]().to(dtype) for name in dict.fromkeys(names)}
+        tables = {name: self._layout.whole_gradient(self.prefix_encoders[name]()).to(dtype)
+                  for name in dict.fromkeys(names)}
         device = next(iter(tables.values())).device
         return bank_plan(tables, names, self._layout, device)
 
@@ -290,6 +292,8 @@ class PrefixModel(nn.Module):
 
     def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig) -> PrefixEncoder:
         encoder = PrefixEncoder(config).to(self.base_model.device)
+        if self._layout.heads is not None:  # tensor-parallel ranks start from the same parameters
+            self._layout.heads.broadcast(encoder)
         if config.inference_mode:
             encoder.requires_grad_(False)
         self.peft_config[adapter_name] = config

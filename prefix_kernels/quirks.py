@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import PrefixTuningConfig
+from .tensor_parallel import HeadShards, head_shards
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class PrefixLayout:
     """Which layer of the prefix table each attention module reads; fixed when the model is wrapped.
 
     `slots` maps attention modules to table layers; None means every attention reads its own `layer_idx`.
+    `heads`: under tensor parallelism, the KV heads of the prefix this rank reads in each attention (its slice of
+    the model's heads) and the group its gradient is summed over; None without tensor parallelism.
     """
 
     slots: dict[nn.Module, int] | None = None
+    heads: HeadShards | None = None
 
     def slot(self, module: nn.Module) -> int | None:
         """The table layer `module` reads, or None if it has no prefix (an encoder-decoder's other attentions)."""
@@ -54,12 +58,22 @@ class PrefixLayout:
             raise ValueError(f"module: {type(module).__name__} has no layer_idx, so its prefix cannot be found")
         return layer
 
+    def head_start(self, module: nn.Module) -> int:
+        """The first KV head of the table that `module`'s keys hold on this rank (0 unless heads are sharded)."""
+        return 0 if self.heads is None else self.heads.start(module)
+
+    def whole_gradient(self, table: torch.Tensor) -> torch.Tensor:
+        """A call's table, whose gradient is summed over the tensor-parallel ranks (itself without them)."""
+        return table if self.heads is None else self.heads.whole_gradient(table)
+
 
 def layout(model: PreTrainedModel, config: PrefixTuningConfig) -> PrefixLayout:
-    """Which table layer each attention module of `model` reads."""
+    """Which table layer each attention module of `model` reads, and which of its KV heads on this rank."""
     if getattr(model.config, "is_encoder_decoder", False):
-        return PrefixLayout(encoder_decoder_slots(model, config))
-    return PrefixLayout(kv_sharing_slots(model))
+        slots = encoder_decoder_slots(model, config)
+    else:
+        slots = kv_sharing_slots(model)
+    return PrefixLayout(slots, head_shards(model, slots))
 
 
 def encoder_decoder_slots(model: PreTrainedModel, config: PrefixTuningConfig) -> dict[nn.Module, int]:

@@ -72,9 +72,11 @@ def prefix_attention_forward(
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[-1])
     else:
         prefix_k, prefix_v = prefix_plan.layers[slot]  # [(N,) Hkv, P, D]
-        if prefix_k.shape[-3] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
-            # a layer narrower than the widest (per-layer head dims) reads a slice, as in PEFT
-            prefix_k, prefix_v = (t[..., : key.shape[1], :, : key.shape[-1]] for t in (prefix_k, prefix_v))
+        start = prefix_plan.layout.head_start(module)
+        if start or prefix_k.shape[-3] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
+            # a tensor-parallel rank reads its own KV heads, and a layer narrower than the widest (per-layer head
+            # dims) a slice, as in PEFT
+            prefix_k, prefix_v = (t[..., start: start + key.shape[1], :, : key.shape[-1]] for t in (prefix_k, prefix_v))
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
         index, lengths = prefix_plan.index, prefix_plan.lengths
