@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,8 +157,9 @@ class PrefixTuningConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> "PrefixTuningConfig":
         """Read `adapter_config.json` from `directory` (ours or PEFT's)."""
         path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        check_regular_file(path, CONFIG_NAME)
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
@@ -170,6 +172,22 @@ class PrefixTuningConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{CONFIG_NAME}: expected a JSON object of config fields, got {type(values).__name__}")
         return cls.from_dict(values)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def check_regular_file(path: str, name: str) -> None:
+    """Refuse, naming `name`, a path that is not a regular file (or a link to one): reading a FIFO or a device
+    such as /dev/zero would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{name}: {path!r} is a link to nothing; expected a regular file") from None
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ValueError(f"{name}: {path!r} is {kind}; expected a regular file")
 
 
 def _first(config: dict, names: tuple[str, ...], what: str) -> int:

@@ -137,7 +137,10 @@ class PrefixModel(nn.Module):
     torch.Size([1, 3, 64])
     """
 
-    def __init__(self, model: PreTrainedModel, config, adapter_name: str = "default"):
+    def __init__(self, model: PreTrainedModel, config, adapter_name: str = "default", *,
+                 table: torch.Tensor | None = None):
+        """Wrap `model` with an adapter built from `config`: a new one, or one holding a saved `prompt_embeddings`
+        `table` `[P, L * 2 * token_dim]` (no projection MLP is then built)."""
         super().__init__()
         _check_model(model)
         config = _as_config(config).resolve(model.config)
@@ -162,7 +165,7 @@ class PrefixModel(nn.Module):
                       if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
-        self._add_adapter(adapter_name, config)
+        self._add_adapter(adapter_name, config, table)
         # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
         # see the base model's arguments and adapter_names.
         self.forward = functools.partial(type(self).forward, self)
@@ -288,8 +291,11 @@ class PrefixModel(nn.Module):
 
     # ---- adapters -----------------------------------------------------------------------------------------------
 
-    def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig) -> PrefixEncoder:
-        encoder = PrefixEncoder(config).to(self.base_model.device)
+    def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig,
+                     table: torch.Tensor | None = None) -> PrefixEncoder:
+        """Add an adapter (its layout already checked): a new encoder, or one holding a saved `table`."""
+        encoder = PrefixEncoder(config) if table is None else PrefixEncoder.from_table(config, table)
+        encoder.to(self.base_model.device)
         if config.inference_mode:
             encoder.requires_grad_(False)
         self.peft_config[adapter_name] = config
@@ -318,19 +324,18 @@ class PrefixModel(nn.Module):
         if saved.heads:
             raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(sorted(saved.heads))}); "
                              "a model holds one head, so load it with PrefixModel.from_pretrained")
-        self._add_adapter(adapter_name, saved.config).load_table(saved.table)
+        self._add_adapter(adapter_name, saved.config, saved.table)
 
     @classmethod
     def from_pretrained(cls, model: PreTrainedModel, directory, adapter_name: str = "default",
                         is_trainable: bool = False) -> "PrefixModel":
         """Wrap `model` (a loaded transformers model) with the adapter saved in `directory` (by `save_pretrained`
-        here or by PEFT). With `is_trainable=True` training resumes on the saved table (an MLP projection, if
-        any, is folded); otherwise nothing trains."""
+        here or by PEFT). With `is_trainable=True` training resumes on the saved table (with `prefix_projection`
+        the MLP is not rebuilt: the table is what it projected to); otherwise nothing trains."""
         _check_model(model)
         check_adapter_name(adapter_name)
         saved = read_adapter(directory, model, is_trainable)  # fail before wrapping the model
-        wrapped = cls(model, saved.config, adapter_name)
-        wrapped.prefix_encoders[adapter_name].load_table(saved.table)
+        wrapped = cls(model, saved.config, adapter_name, table=saved.table)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in saved.heads.items():
