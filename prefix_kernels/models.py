@@ -14,17 +14,20 @@ import dataclasses
 import functools
 import inspect
 import threading
+import warnings
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.integrations.peft import PeftAdapterMixin
 
 from . import quirks
 from .adapters import adapter_dir, check_adapter_name, read_adapter, write_adapter
-from .config import TASK_HEADS, PrefixTuningConfig
+from .config import TASK_HEADS, ModelMismatchError, PrefixTuningConfig
 from .encoder import PrefixEncoder
 from .integrations.attention_interface import ATTENTION_NAME, EAGER_NAME, register
 from .plan import Packing, Positions, PrefixPlan, bank_plan, find_packing, single_plan
+from .quirks import PrefixLayout
 
 # `disable_adapter()`: the wrappers disabled in this thread / context, and how many blocks are open anywhere. The
 # count is what a compiled forward checks (a plain int, which torch.compile guards on); only while some block is
@@ -92,6 +95,29 @@ def _check_task_type(model: PreTrainedModel, config: PrefixTuningConfig) -> None
                      f"{built_for!r}")
 
 
+def _check_layout(model: PreTrainedModel, config: PrefixTuningConfig,
+                  wrapper: tuple[PrefixTuningConfig, PrefixLayout] | None = None) -> PrefixLayout:
+    """The one check of an adapter's layout, made when a wrapper is built and whenever an adapter is added, before
+    anything changes: its task type fits `model`, and beside a wrapper's adapters (`wrapper`: the config the wrapper
+    was built with, and its layout) it places its table as they do: the same placement, and every attention
+    reading the same table layer (PEFT's `num_transformer_submodules`, which task type None sets to 1 and
+    SEQ_2_SEQ_LM to 2, decides an encoder-decoder's). Returns the layout."""
+    _check_task_type(model, config)
+    layout = quirks.layout(model, config)
+    if wrapper is None:
+        return layout
+    built, built_layout = wrapper
+    if config.encoder_decoder_placement != built.encoder_decoder_placement:
+        raise ValueError(f"encoder_decoder_placement: the adapter's is {config.encoder_decoder_placement!r}, this "
+                         f"model's adapters use {built.encoder_decoder_placement!r}; load it into a wrapper of its own")
+    if layout != built_layout:
+        raise ValueError(f"num_transformer_submodules: the adapter's is {config.num_transformer_submodules} (task_type "
+                         f"{config.task_type!r}), this model's adapters use {built.num_transformer_submodules} "
+                         f"(task_type {built.task_type!r}): other attentions would read its table layers; load it "
+                         "into a wrapper of its own")
+    return layout
+
+
 def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
     """The base model's forward signature with the keyword-only `adapter_names` added (before any **kwargs)."""
     signature = inspect.signature(model.forward)
@@ -115,6 +141,11 @@ def _batch_rows(kwargs) -> int:
         if kwargs.get(name) is not None:
             return kwargs[name].shape[0]
     return kwargs["encoder_outputs"][0].shape[0]
+
+
+# The adapter methods of transformers' own PEFT integration (and PEFT's merging) that prefix tuning has no use for.
+_NOT_PROVIDED = frozenset(name for name in dir(PeftAdapterMixin) if not name.startswith("_")) | {
+    "merge_and_unload", "merge_adapter", "unmerge_adapter"}
 
 
 class PrefixModel(nn.Module):
@@ -144,14 +175,14 @@ class PrefixModel(nn.Module):
         super().__init__()
         _check_model(model)
         config = _as_config(config).resolve(model.config)
-        _check_task_type(model, config)
         check_adapter_name(adapter_name)
-        layout = quirks.layout(model, config)  # every check passes before the model is touched
+        layout = _check_layout(model, config)  # every check passes before the model is touched
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._layout = layout
+        self._built_with = config  # the layout every adapter added later must share
         self._unloaded = False
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._previous_attention = model.config._attn_implementation
@@ -178,6 +209,10 @@ class PrefixModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _NOT_PROVIDED:  # not transformers' PEFT integration, which would ask for PEFT's LoRA
+                raise AttributeError(f"PrefixModel has no {name}(): its adapters are managed by load_adapter, "
+                                     "add_adapter, set_adapter, delete_adapter, disable_adapter() and unload(); "
+                                     "a prefix cannot be merged into the weights") from None
             return getattr(self.base_model, name)
 
     # ---- calls --------------------------------------------------------------------------------------------------
@@ -302,28 +337,68 @@ class PrefixModel(nn.Module):
         self.prefix_encoders[adapter_name] = encoder
         return encoder
 
-    def _known(self, adapter_name: str) -> str:
+    def _new_name(self, adapter_name) -> str:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.prefix_encoders:
+            raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
+        return adapter_name
+
+    def _known(self, adapter_name) -> str:
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name: expected the name of one loaded adapter, got {type(adapter_name).__name__}"
+                            " (give each batch row its own adapter with adapter_names=[...] in the call)")
         if adapter_name not in self.prefix_encoders:
             raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; loaded: {sorted(self.prefix_encoders)}")
         return adapter_name
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's name: `[active_adapter]`."""
+        return [self.active_adapter]
+
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter of calls that name none (`adapter_names=None`)."""
         self.active_adapter = self._known(adapter_name)
+
+    def add_adapter(self, adapter_name: str, peft_config) -> None:
+        """PEFT's `add_adapter`: a new, untrained adapter under `adapter_name` (not made active). `peft_config` is a
+        `PrefixTuningConfig`, ours or PEFT's, whose layout must match this model's adapters."""
+        self._new_name(adapter_name)
+        try:
+            config = _as_config(peft_config).resolve(self.base_model.config)
+        except ModelMismatchError as e:
+            raise ValueError(f"peft_config: does not fit this model ({e})") from None
+        _check_layout(self.base_model, config, (self._built_with, self._layout))
+        self._add_adapter(adapter_name, config)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's `delete_adapter`: remove an adapter. Deleting the active one makes the first remaining adapter
+        active, with a warning, as PEFT does; the last adapter stays (`unload()` gives the base model back)."""
+        self._known(adapter_name)
+        if len(self.prefix_encoders) == 1:
+            raise ValueError(f"adapter_name: {adapter_name!r} is the only adapter, and a PrefixModel runs with one; "
+                             "unload() gives the base model back")
+        del self.prefix_encoders[adapter_name]
+        del self.peft_config[adapter_name]
+        if adapter_name == self.active_adapter:
+            self.active_adapter = next(iter(self.prefix_encoders))
+            warnings.warn(f"adapter {adapter_name!r} was active and is deleted; the active adapter is now "
+                          f"{self.active_adapter!r}", stacklevel=2)
 
     def get_prefix(self, adapter_name: str | None = None) -> torch.Tensor:
         """`[L, 2, Hkv, P, D]`: every layer's prefix keys/values of an adapter (default: the active one)."""
         return self.prefix_encoders[self._known(adapter_name or self.active_adapter)]()
 
     def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load a saved adapter (ours or PEFT's) under `adapter_name`; on any error the model is unchanged."""
-        check_adapter_name(adapter_name)
-        if adapter_name in self.prefix_encoders:
-            raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
+        """Load a saved adapter (ours or PEFT's) under `adapter_name`. Its layout (task type, placement, PEFT's
+        `num_transformer_submodules`) is checked as when the wrapper was built, and must match this model's
+        adapters; on any error the model is unchanged."""
+        self._new_name(adapter_name)
         saved = read_adapter(directory, self.base_model, is_trainable)
         if saved.heads:
             raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(sorted(saved.heads))}); "
                              "a model holds one head, so load it with PrefixModel.from_pretrained")
+        _check_layout(self.base_model, saved.config, (self._built_with, self._layout))
         self._add_adapter(adapter_name, saved.config, saved.table)
 
     @classmethod
@@ -425,10 +500,14 @@ class PrefixModel(nn.Module):
             raise RuntimeError("PrefixModel: unload() has given the base model back; this wrapper no longer runs "
                                "(wrap the model again with get_prefix_model or PrefixModel.from_pretrained)")
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's (trainable parameters, all parameters)."""
+        return (sum(p.numel() for p in self.parameters() if p.requires_grad),
+                sum(p.numel() for p in self.parameters()))
+
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, as PEFT does."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} "
               f"|| trainable%: {100 * trainable / total:.4f}")
 

@@ -64,3 +64,30 @@ def test_gradient_checkpointing_raises_no_deprecation_warning(recwarn):
     model.gradient_checkpointing_enable()
     model.activation_checkpointing_enable()
     assert not [w for w in recwarn if "deprecated" in str(w.message)]
+
+
+def test_the_adapter_methods_users_call():
+    """PEFT's names are provided; transformers' own PEFT integration (which would ask for PEFT's LoRA) is refused
+    with a message of ours."""
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(num_virtual_tokens=2))
+    model.add_adapter("second", PrefixTuningConfig(num_virtual_tokens=3))
+    assert model.active_adapters == ["default"] and list(model.peft_config) == ["default", "second"]
+    assert model.get_prefix("second").shape[3] == 3 and model.get_nb_trainable_parameters()[0] == 2 * 96 + 3 * 96
+    with pytest.raises(ValueError, match="^adapter_name: 'second' is already loaded"):
+        model.add_adapter("second", PrefixTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(TypeError, match=r"^adapter_name: expected the name of one loaded adapter, got list \(give each "
+                                        r"batch row its own adapter with adapter_names="):
+        model.set_adapter(["second"])
+    model.set_adapter("second")
+    with pytest.warns(UserWarning, match="adapter 'second' was active and is deleted; the active adapter is now "
+                                         "'default'"):
+        model.delete_adapter("second")
+    assert list(model.prefix_encoders) == list(model.peft_config) == ["default"] and model.active_adapters == [
+        "default"]
+    with pytest.raises(ValueError, match="^adapter_name: 'default' is the only adapter"):
+        model.delete_adapter("default")
+    with pytest.raises(ValueError, match=r"^adapter_name: unknown adapter 'second'"):
+        model.delete_adapter("second")
+    for name in ("enable_adapters", "disable_adapters", "get_adapter_state_dict", "merge_and_unload"):
+        with pytest.raises(AttributeError, match=rf"^PrefixModel has no {name}\(\): its adapters are managed by"):
+            getattr(model, name)
