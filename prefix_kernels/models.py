@@ -231,7 +231,7 @@ class PrefixModel(nn.Module):
             kwargs = _keywords(self._signature, args, kwargs)
         if self._adapter_disabled():
             return self.base_model(**kwargs)
-        packing = None if self.base_model.config.is_encoder_decoder else find_packing(kwargs)
+        packing = find_packing(kwargs, self.base_model.config.is_encoder_decoder)
         rows = _batch_rows(kwargs)
         names = self._names(adapter_names)
         if packing is not None and names is not None and len(names) == rows:
