@@ -290,12 +290,17 @@ class PrefixModel(nn.Module):
             plan = dataclasses.replace(plan, prefix_position_bias=self._t5_bias.for_rows(plan.row_lengths))
         kwargs["prefix_plan"] = plan
         if self._decoder_positions is None:
-            return call(**kwargs)
-        if not plan.uniform:
+            out = call(**kwargs)
+        elif not plan.uniform:
             raise ValueError(f"adapter_names: {self.base_model.config.model_type}'s learned decoder positions need "
                              "every row's adapter to have the same num_virtual_tokens")
-        with self._decoder_positions.during(plan.row_lengths[0]):
-            return call(**kwargs)
+        else:
+            with self._decoder_positions.during(plan.row_lengths[0]):
+                out = call(**kwargs)
+        if self._unloaded:  # unload() ran meanwhile: some layers may have run without the prefix
+            raise RuntimeError("PrefixModel: unload() gave the base model back while this call ran, so part of it "
+                               "ran without the prefix; its result is discarded (unload only after calls finish)")
+        return out
 
     # ---- the plan -----------------------------------------------------------------------------------------------
 
@@ -485,14 +490,15 @@ class PrefixModel(nn.Module):
 
     def unload(self) -> PreTrainedModel:
         """Give the base model back as it was (attention implementation, which parameters require grad, no hooks);
-        this wrapper refuses calls afterwards."""
+        this wrapper refuses calls afterwards. A call in flight in another thread meanwhile raises RuntimeError
+        when it finishes its step, rather than return a result computed partly without the prefix."""
         self._check_usable()
+        self._unloaded = True  # first: a call that meets the restored attention sees the flag when it ends
         if self._decoder_positions is not None:
             self._decoder_positions.remove()
         self.base_model.set_attn_implementation(self._previous_attention)
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._unloaded = True
         return self.base_model
 
     def _check_usable(self) -> None:
