@@ -140,7 +140,29 @@ def _batch_rows(kwargs) -> int:
     for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         if kwargs.get(name) is not None:
             return kwargs[name].shape[0]
-    return kwargs["encoder_outputs"][0].shape[0]
+    if kwargs.get("encoder_outputs") is not None:
+        return kwargs["encoder_outputs"][0].shape[0]
+    raise ValueError("input_ids: expected input_ids or inputs_embeds (or an encoder-decoder's decoder inputs or "
+                     "encoder_outputs), got none")
+
+
+def _generation_inputs(args, kwargs) -> torch.Tensor | None:
+    """The prompt of a `generate` call (`input_ids`, `inputs` or `inputs_embeds`, by keyword or first positional);
+    None when there is none (the model starts from its BOS token or from `encoder_outputs`)."""
+    for name in ("input_ids", "inputs", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return args[0] if args else None
+
+
+def _generation_rows(prompt: torch.Tensor | None, kwargs) -> int:
+    """The input rows of a `generate` call, found as transformers finds them: the prompt's, else the encoder
+    outputs', else those of the first tensor argument; one row when there is none."""
+    if prompt is not None:
+        return prompt.shape[0]
+    if kwargs.get("encoder_outputs") is not None:
+        return kwargs["encoder_outputs"][0].shape[0]
+    return next((value.shape[0] for value in kwargs.values() if isinstance(value, torch.Tensor)), 1)
 
 
 # The adapter methods of transformers' own PEFT integration (and PEFT's merging) that prefix tuning has no use for.
@@ -250,24 +272,31 @@ class PrefixModel(nn.Module):
         self._check_usable()
         if self._adapter_disabled():
             return self.base_model.generate(*args, **kwargs)
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
+        prompt = _generation_inputs(args, kwargs)
         with torch.no_grad():
-            plan = self._plan(self._names(adapter_names), inputs.shape[0], "one name per input row")
-            if inputs.dim() >= 2:
-                self._positions.check_length(inputs.shape[1], 0, max(plan.row_lengths))
-            if self._layout.slots is not None and self.peft_config[self.active_adapter].encoder_decoder_placement \
-                    == "full" and kwargs.get("encoder_outputs") is None:
+            plan = self._plan(self._names(adapter_names), _generation_rows(prompt, kwargs), "one name per input row")
+            if prompt is not None and prompt.dim() >= 2:
+                self._positions.check_length(prompt.shape[1], 0, max(plan.row_lengths))
+            if self._built_with.encoder_decoder_placement == "full" and kwargs.get("encoder_outputs") is None:
                 # generate() calls the encoder on its own: run it here, with the prefix, and hand over its outputs
-                encoder_inputs = {k: v for k, v in kwargs.items() if k in ("attention_mask", "inputs_embeds")}
                 kwargs["encoder_outputs"] = self._call(self.base_model.get_encoder(), plan,
-                                                       {"input_ids": inputs, **encoder_inputs}, None)
+                                                       self._encoder_inputs(prompt, kwargs), None)
         view = copy.copy(self.base_model)  # the same modules and hooks; its own forward, for this call only
         view.__dict__.pop("_compiled_call", None)
         view.forward = functools.partial(self._generation_step, plan)
         view.forward.__signature__ = self._signature
         return view.generate(*args, **kwargs)
+
+    @staticmethod
+    def _encoder_inputs(prompt: torch.Tensor | None, kwargs: dict) -> dict:
+        """The encoder's inputs in a `generate` call: the prompt (token ids or embeddings) and its mask."""
+        if prompt is None:
+            raise ValueError("input_ids: generate() of a prefix in the encoder (encoder_decoder_placement='full') "
+                             "needs input_ids, inputs_embeds or encoder_outputs, got none")
+        inputs = {"inputs_embeds" if prompt.is_floating_point() else "input_ids": prompt}
+        if kwargs.get("attention_mask") is not None:
+            inputs["attention_mask"] = kwargs["attention_mask"]
+        return inputs
 
     def _generation_step(self, plan: PrefixPlan, **kwargs):
         """One forward of `generate` (hooks already run by the view): the call's plan, for this step's rows."""
