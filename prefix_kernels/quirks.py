@@ -15,11 +15,12 @@ quirk                      families                    what it does (tested in)
                                                        first P positions (test_encoder_decoder.py)
 `LearnedDecoderPositions`  BART, mBART, ...            learned decoder positions start at P
                                                        (test_encoder_decoder.py)
-`PaddingIdxPositions`      RoBERTa, XLM-R, ...         positions numbered after padding_idx, shifted by P
-                                                       (test_encoders.py)
-`learned_position_limit`   GPT-2, OPT, BERT, ...       a table of learned positions: a prompt that fits the
-                                                       model but not after P prefix positions is refused by
-                                                       name (test_messages.py)
+`PaddingIdxPositions`      RoBERTa, XLM-R, ...         positions numbered after padding_idx, shifted by P,
+                                                       per packed sequence too (test_encoders.py)
+`learned_position_limit`   GPT-2, OPT, BERT, ...       a table of learned positions: a prompt (or packed
+                                                       sequence) that fits the model but not after P prefix
+                                                       positions is refused by name (test_messages.py,
+                                                       test_packed_models.py)
 per-layer head dims        Gemma 4                     narrower layers read a slice of the widest layer's
                                                        prefix, in the attention function (test_decoders.py)
 """
