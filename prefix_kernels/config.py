@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20  # PEFT writes about 1 KB; a config is read whole, so its size is bounded first
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # The task heads that train (and are saved) alongside the prefix, by PEFT's module names.
 # Where an encoder-decoder's prefix goes: "peft", decoder self-attention only, PEFT's layout; "full", also encoder
@@ -160,6 +161,10 @@ class PrefixTuningConfig:
         if not os.path.lexists(path):
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
         check_regular_file(path, CONFIG_NAME)
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{CONFIG_NAME}: {size:,d} bytes in {path!r}; expected at most {MAX_CONFIG_BYTES:,d} "
+                             "for a config")
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)

@@ -168,6 +168,9 @@ BROKEN = {
                          r"^adapter_model.safetensors: .* is a character device; expected a regular file$"),
     "weights-dangling-link": (special_file(lambda path: path.symlink_to(path.parent / "absent")), ValueError,
                               r"^adapter_model.safetensors: .* is a link to nothing; expected a regular file$"),
+    "config-huge": (config_edit(notes="x" * (1 << 20)), ValueError,
+                    r"^adapter_config.json: 1,048,[0-9]+ bytes in '.*config-huge/adapter_config.json'; expected at "
+                    r"most 1,048,576 for a config$"),
     "config-fifo": (lambda d: ((d / "adapter_config.json").unlink(), os.mkfifo(d / "adapter_config.json")),
                     ValueError, r"^adapter_config.json: .* is a FIFO; expected a regular file$"),
     "truncated": (truncated, ValueError, r"^adapter_model\.safetensors: cannot be read as safetensors"),
