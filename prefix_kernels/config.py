@@ -3,10 +3,12 @@
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20  # PEFT writes about 1 KB; a config is read whole, so its size is bounded first
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # The task heads that train (and are saved) alongside the prefix, by PEFT's module names.
 # Where an encoder-decoder's prefix goes: "peft", decoder self-attention only, PEFT's layout; "full", also encoder
@@ -156,8 +158,13 @@ class PrefixTuningConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> "PrefixTuningConfig":
         """Read `adapter_config.json` from `directory` (ours or PEFT's)."""
         path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        check_regular_file(path, CONFIG_NAME)
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{CONFIG_NAME}: {size:,d} bytes in {path!r}; expected at most {MAX_CONFIG_BYTES:,d} "
+                             "for a config")
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
@@ -170,6 +177,22 @@ class PrefixTuningConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{CONFIG_NAME}: expected a JSON object of config fields, got {type(values).__name__}")
         return cls.from_dict(values)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def check_regular_file(path: str, name: str) -> None:
+    """Refuse, naming `name`, a path that is not a regular file (or a link to one): reading a FIFO or a device
+    such as /dev/zero would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{name}: {path!r} is a link to nothing; expected a regular file") from None
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ValueError(f"{name}: {path!r} is {kind}; expected a regular file")
 
 
 def _first(config: dict, names: tuple[str, ...], what: str) -> int:

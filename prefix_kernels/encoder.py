@@ -1,5 +1,7 @@
 """`PrefixEncoder`: PEFT's parameterisation of the per-layer prefix keys/values."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -67,12 +69,16 @@ class PrefixEncoder(nn.Module):
         del self.transform
         self.prefix_projection = False
 
-    @torch.no_grad()
-    def load_table(self, table: torch.Tensor) -> None:
-        """Load a saved `prompt_embeddings` table `[P, L * 2 * token_dim]` (folding the MLP away first)."""
-        expected = (self.num_virtual_tokens, self.num_layers * 2 * self.token_dim)
+    @classmethod
+    def from_table(cls, config: PrefixTuningConfig, table: torch.Tensor) -> "PrefixEncoder":
+        """An encoder holding a saved `prompt_embeddings` table `[P, L * 2 * token_dim]`, as `fold` leaves one: no
+        projection MLP is built (nor its memory allocated), whatever `config.prefix_projection` says."""
+        with torch.device("meta"):  # the structure only: no memory, no random draws
+            encoder = cls(dataclasses.replace(config, prefix_projection=False))
+        expected = (encoder.num_virtual_tokens, encoder.num_layers * 2 * encoder.token_dim)
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != expected:
             got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
             raise ValueError(f"prompt_embeddings: expected shape {list(expected)}, got {got}")
-        self.fold()
-        self.embedding.weight.copy_(table)
+        encoder.embedding = nn.Embedding.from_pretrained(table.to(torch.get_default_dtype(), copy=True),
+                                                         freeze=config.inference_mode)
+        return encoder

@@ -14,17 +14,20 @@ import dataclasses
 import functools
 import inspect
 import threading
+import warnings
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.integrations.peft import PeftAdapterMixin
 
 from . import quirks
 from .adapters import adapter_dir, check_adapter_name, read_adapter, write_adapter
-from .config import TASK_HEADS, PrefixTuningConfig
+from .config import TASK_HEADS, ModelMismatchError, PrefixTuningConfig
 from .encoder import PrefixEncoder
 from .integrations.attention_interface import ATTENTION_NAME, EAGER_NAME, register
 from .plan import Packing, Positions, PrefixPlan, bank_plan, find_packing, single_plan
+from .quirks import PrefixLayout
 
 # `disable_adapter()`: the wrappers disabled in this thread / context, and how many blocks are open anywhere. The
 # count is what a compiled forward checks (a plain int, which torch.compile guards on); only while some block is
@@ -92,6 +95,29 @@ def _check_task_type(model: PreTrainedModel, config: PrefixTuningConfig) -> None
                      f"{built_for!r}")
 
 
+def _check_layout(model: PreTrainedModel, config: PrefixTuningConfig,
+                  wrapper: tuple[PrefixTuningConfig, PrefixLayout] | None = None) -> PrefixLayout:
+    """The one check of an adapter's layout, made when a wrapper is built and whenever an adapter is added, before
+    anything changes: its task type fits `model`, and beside a wrapper's adapters (`wrapper`: the config the wrapper
+    was built with, and its layout) it places its table as they do: the same placement, and every attention
+    reading the same table layer (PEFT's `num_transformer_submodules`, which task type None sets to 1 and
+    SEQ_2_SEQ_LM to 2, decides an encoder-decoder's). Returns the layout."""
+    _check_task_type(model, config)
+    layout = quirks.layout(model, config)
+    if wrapper is None:
+        return layout
+    built, built_layout = wrapper
+    if config.encoder_decoder_placement != built.encoder_decoder_placement:
+        raise ValueError(f"encoder_decoder_placement: the adapter's is {config.encoder_decoder_placement!r}, this "
+                         f"model's adapters use {built.encoder_decoder_placement!r}; load it into a wrapper of its own")
+    if layout != built_layout:
+        raise ValueError(f"num_transformer_submodules: the adapter's is {config.num_transformer_submodules} (task_type "
+                         f"{config.task_type!r}), this model's adapters use {built.num_transformer_submodules} "
+                         f"(task_type {built.task_type!r}): other attentions would read its table layers; load it "
+                         "into a wrapper of its own")
+    return layout
+
+
 def _forward_signature(model: PreTrainedModel) -> inspect.Signature:
     """The base model's forward signature with the keyword-only `adapter_names` added (before any **kwargs)."""
     signature = inspect.signature(model.forward)
@@ -114,7 +140,34 @@ def _batch_rows(kwargs) -> int:
     for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         if kwargs.get(name) is not None:
             return kwargs[name].shape[0]
-    return kwargs["encoder_outputs"][0].shape[0]
+    if kwargs.get("encoder_outputs") is not None:
+        return kwargs["encoder_outputs"][0].shape[0]
+    raise ValueError("input_ids: expected input_ids or inputs_embeds (or an encoder-decoder's decoder inputs or "
+                     "encoder_outputs), got none")
+
+
+def _generation_inputs(args, kwargs) -> torch.Tensor | None:
+    """The prompt of a `generate` call (`input_ids`, `inputs` or `inputs_embeds`, by keyword or first positional);
+    None when there is none (the model starts from its BOS token or from `encoder_outputs`)."""
+    for name in ("input_ids", "inputs", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return args[0] if args else None
+
+
+def _generation_rows(prompt: torch.Tensor | None, kwargs) -> int:
+    """The input rows of a `generate` call, found as transformers finds them: the prompt's, else the encoder
+    outputs', else those of the first tensor argument; one row when there is none."""
+    if prompt is not None:
+        return prompt.shape[0]
+    if kwargs.get("encoder_outputs") is not None:
+        return kwargs["encoder_outputs"][0].shape[0]
+    return next((value.shape[0] for value in kwargs.values() if isinstance(value, torch.Tensor)), 1)
+
+
+# The adapter methods of transformers' own PEFT integration (and PEFT's merging) that prefix tuning has no use for.
+_NOT_PROVIDED = frozenset(name for name in dir(PeftAdapterMixin) if not name.startswith("_")) | {
+    "merge_and_unload", "merge_adapter", "unmerge_adapter"}
 
 
 class PrefixModel(nn.Module):
@@ -137,18 +190,21 @@ class PrefixModel(nn.Module):
     torch.Size([1, 3, 64])
     """
 
-    def __init__(self, model: PreTrainedModel, config, adapter_name: str = "default"):
+    def __init__(self, model: PreTrainedModel, config, adapter_name: str = "default", *,
+                 table: torch.Tensor | None = None):
+        """Wrap `model` with an adapter built from `config`: a new one, or one holding a saved `prompt_embeddings`
+        `table` `[P, L * 2 * token_dim]` (no projection MLP is then built)."""
         super().__init__()
         _check_model(model)
         config = _as_config(config).resolve(model.config)
-        _check_task_type(model, config)
         check_adapter_name(adapter_name)
-        layout = quirks.layout(model, config)  # every check passes before the model is touched
+        layout = _check_layout(model, config)  # every check passes before the model is touched
         self.base_model = model
         self.peft_config: dict[str, PrefixTuningConfig] = {}
         self.prefix_encoders = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._layout = layout
+        self._built_with = config  # the layout every adapter added later must share
         self._unloaded = False
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._previous_attention = model.config._attn_implementation
@@ -162,7 +218,7 @@ class PrefixModel(nn.Module):
                       if name.rsplit(".", 1)[-1] in (config.modules_to_save or ())]
         for name in self.heads:
             model.get_submodule(name).requires_grad_(True)  # the task head trains with the prefix, as in PEFT
-        self._add_adapter(adapter_name, config)
+        self._add_adapter(adapter_name, config, table)
         # Tools that read forward's signature to choose inputs (Trainer drops the dataset columns it doesn't name)
         # see the base model's arguments and adapter_names.
         self.forward = functools.partial(type(self).forward, self)
@@ -175,6 +231,10 @@ class PrefixModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _NOT_PROVIDED:  # not transformers' PEFT integration, which would ask for PEFT's LoRA
+                raise AttributeError(f"PrefixModel has no {name}(): its adapters are managed by load_adapter, "
+                                     "add_adapter, set_adapter, delete_adapter, disable_adapter() and unload(); "
+                                     "a prefix cannot be merged into the weights") from None
             return getattr(self.base_model, name)
 
     # ---- calls --------------------------------------------------------------------------------------------------
@@ -193,7 +253,7 @@ class PrefixModel(nn.Module):
             kwargs = _keywords(self._signature, args, kwargs)
         if self._adapter_disabled():
             return self.base_model(**kwargs)
-        packing = None if self.base_model.config.is_encoder_decoder else find_packing(kwargs)
+        packing = find_packing(kwargs, self.base_model.config.is_encoder_decoder)
         rows = _batch_rows(kwargs)
         names = self._names(adapter_names)
         if packing is not None and names is not None and len(names) == rows:
@@ -212,24 +272,31 @@ class PrefixModel(nn.Module):
         self._check_usable()
         if self._adapter_disabled():
             return self.base_model.generate(*args, **kwargs)
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds", kwargs.get("inputs"))
+        prompt = _generation_inputs(args, kwargs)
         with torch.no_grad():
-            plan = self._plan(self._names(adapter_names), inputs.shape[0], "one name per input row")
-            if inputs.dim() >= 2:
-                self._positions.check_length(inputs.shape[1], 0, max(plan.row_lengths))
-            if self._layout.slots is not None and self.peft_config[self.active_adapter].encoder_decoder_placement \
-                    == "full" and kwargs.get("encoder_outputs") is None:
+            plan = self._plan(self._names(adapter_names), _generation_rows(prompt, kwargs), "one name per input row")
+            if prompt is not None and prompt.dim() >= 2:
+                self._positions.check_length(prompt.shape[1], 0, max(plan.row_lengths))
+            if self._built_with.encoder_decoder_placement == "full" and kwargs.get("encoder_outputs") is None:
                 # generate() calls the encoder on its own: run it here, with the prefix, and hand over its outputs
-                encoder_inputs = {k: v for k, v in kwargs.items() if k in ("attention_mask", "inputs_embeds")}
                 kwargs["encoder_outputs"] = self._call(self.base_model.get_encoder(), plan,
-                                                       {"input_ids": inputs, **encoder_inputs}, None)
+                                                       self._encoder_inputs(prompt, kwargs), None)
         view = copy.copy(self.base_model)  # the same modules and hooks; its own forward, for this call only
         view.__dict__.pop("_compiled_call", None)
         view.forward = functools.partial(self._generation_step, plan)
         view.forward.__signature__ = self._signature
         return view.generate(*args, **kwargs)
+
+    @staticmethod
+    def _encoder_inputs(prompt: torch.Tensor | None, kwargs: dict) -> dict:
+        """The encoder's inputs in a `generate` call: the prompt (token ids or embeddings) and its mask."""
+        if prompt is None:
+            raise ValueError("input_ids: generate() of a prefix in the encoder (encoder_decoder_placement='full') "
+                             "needs input_ids, inputs_embeds or encoder_outputs, got none")
+        inputs = {"inputs_embeds" if prompt.is_floating_point() else "input_ids": prompt}
+        if kwargs.get("attention_mask") is not None:
+            inputs["attention_mask"] = kwargs["attention_mask"]
+        return inputs
 
     def _generation_step(self, plan: PrefixPlan, **kwargs):
         """One forward of `generate` (hooks already run by the view): the call's plan, for this step's rows."""
@@ -252,12 +319,17 @@ class PrefixModel(nn.Module):
             plan = dataclasses.replace(plan, prefix_position_bias=self._t5_bias.for_rows(plan.row_lengths))
         kwargs["prefix_plan"] = plan
         if self._decoder_positions is None:
-            return call(**kwargs)
-        if not plan.uniform:
+            out = call(**kwargs)
+        elif not plan.uniform:
             raise ValueError(f"adapter_names: {self.base_model.config.model_type}'s learned decoder positions need "
                              "every row's adapter to have the same num_virtual_tokens")
-        with self._decoder_positions.during(plan.row_lengths[0]):
-            return call(**kwargs)
+        else:
+            with self._decoder_positions.during(plan.row_lengths[0]):
+                out = call(**kwargs)
+        if self._unloaded:  # unload() ran meanwhile: some layers may have run without the prefix
+            raise RuntimeError("PrefixModel: unload() gave the base model back while this call ran, so part of it "
+                               "ran without the prefix; its result is discarded (unload only after calls finish)")
+        return out
 
     # ---- the plan -----------------------------------------------------------------------------------------------
 
@@ -290,9 +362,12 @@ class PrefixModel(nn.Module):
 
     # ---- adapters -----------------------------------------------------------------------------------------------
 
-    def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig) -> PrefixEncoder:
-        encoder = PrefixEncoder(config).to(self.base_model.device)
-        if self._layout.heads is not None:  # tensor-parallel ranks start from the same parameters
+    def _add_adapter(self, adapter_name: str, config: PrefixTuningConfig,
+                     table: torch.Tensor | None = None) -> PrefixEncoder:
+        """Add an adapter (its layout already checked): a new encoder, or one holding a saved `table`."""
+        encoder = PrefixEncoder(config) if table is None else PrefixEncoder.from_table(config, table)
+        encoder.to(self.base_model.device)
+        if table is None and self._layout.heads is not None:  # tensor-parallel ranks start from the same parameters
             self._layout.heads.broadcast(encoder)
         if config.inference_mode:
             encoder.requires_grad_(False)
@@ -300,41 +375,80 @@ class PrefixModel(nn.Module):
         self.prefix_encoders[adapter_name] = encoder
         return encoder
 
-    def _known(self, adapter_name: str) -> str:
+    def _new_name(self, adapter_name) -> str:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.prefix_encoders:
+            raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
+        return adapter_name
+
+    def _known(self, adapter_name) -> str:
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name: expected the name of one loaded adapter, got {type(adapter_name).__name__}"
+                            " (give each batch row its own adapter with adapter_names=[...] in the call)")
         if adapter_name not in self.prefix_encoders:
             raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; loaded: {sorted(self.prefix_encoders)}")
         return adapter_name
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's name: `[active_adapter]`."""
+        return [self.active_adapter]
+
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter of calls that name none (`adapter_names=None`)."""
         self.active_adapter = self._known(adapter_name)
+
+    def add_adapter(self, adapter_name: str, peft_config) -> None:
+        """PEFT's `add_adapter`: a new, untrained adapter under `adapter_name` (not made active). `peft_config` is a
+        `PrefixTuningConfig`, ours or PEFT's, whose layout must match this model's adapters."""
+        self._new_name(adapter_name)
+        try:
+            config = _as_config(peft_config).resolve(self.base_model.config)
+        except ModelMismatchError as e:
+            raise ValueError(f"peft_config: does not fit this model ({e})") from None
+        _check_layout(self.base_model, config, (self._built_with, self._layout))
+        self._add_adapter(adapter_name, config)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's `delete_adapter`: remove an adapter. Deleting the active one makes the first remaining adapter
+        active, with a warning, as PEFT does; the last adapter stays (`unload()` gives the base model back)."""
+        self._known(adapter_name)
+        if len(self.prefix_encoders) == 1:
+            raise ValueError(f"adapter_name: {adapter_name!r} is the only adapter, and a PrefixModel runs with one; "
+                             "unload() gives the base model back")
+        del self.prefix_encoders[adapter_name]
+        del self.peft_config[adapter_name]
+        if adapter_name == self.active_adapter:
+            self.active_adapter = next(iter(self.prefix_encoders))
+            warnings.warn(f"adapter {adapter_name!r} was active and is deleted; the active adapter is now "
+                          f"{self.active_adapter!r}", stacklevel=2)
 
     def get_prefix(self, adapter_name: str | None = None) -> torch.Tensor:
         """`[L, 2, Hkv, P, D]`: every layer's prefix keys/values of an adapter (default: the active one)."""
         return self.prefix_encoders[self._known(adapter_name or self.active_adapter)]()
 
     def load_adapter(self, directory, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load a saved adapter (ours or PEFT's) under `adapter_name`; on any error the model is unchanged."""
-        check_adapter_name(adapter_name)
-        if adapter_name in self.prefix_encoders:
-            raise ValueError(f"adapter_name: {adapter_name!r} is already loaded")
+        """Load a saved adapter (ours or PEFT's) under `adapter_name`. Its layout (task type, placement, PEFT's
+        `num_transformer_submodules`) is checked as when the wrapper was built, and must match this model's
+        adapters; on any error the model is unchanged."""
+        self._new_name(adapter_name)
         saved = read_adapter(directory, self.base_model, is_trainable)
         if saved.heads:
             raise ValueError(f"directory: this adapter carries task-head weights ({', '.join(sorted(saved.heads))}); "
                              "a model holds one head, so load it with PrefixModel.from_pretrained")
-        self._add_adapter(adapter_name, saved.config).load_table(saved.table)
+        _check_layout(self.base_model, saved.config, (self._built_with, self._layout))
+        self._add_adapter(adapter_name, saved.config, saved.table)
 
     @classmethod
     def from_pretrained(cls, model: PreTrainedModel, directory, adapter_name: str = "default",
                         is_trainable: bool = False) -> "PrefixModel":
         """Wrap `model` (a loaded transformers model) with the adapter saved in `directory` (by `save_pretrained`
-        here or by PEFT). With `is_trainable=True` training resumes on the saved table (an MLP projection, if
-        any, is folded); otherwise nothing trains."""
+        here or by PEFT). With `is_trainable=True` training resumes on the saved table (with `prefix_projection`
+        the MLP is not rebuilt: the table is what it projected to); otherwise nothing trains."""
         _check_model(model)
         check_adapter_name(adapter_name)
         saved = read_adapter(directory, model, is_trainable)  # fail before wrapping the model
-        wrapped = cls(model, saved.config, adapter_name)
-        wrapped.prefix_encoders[adapter_name].load_table(saved.table)
+        wrapped = cls(model, saved.config, adapter_name, table=saved.table)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in saved.heads.items():
@@ -409,14 +523,15 @@ class PrefixModel(nn.Module):
 
     def unload(self) -> PreTrainedModel:
         """Give the base model back as it was (attention implementation, which parameters require grad, no hooks);
-        this wrapper refuses calls afterwards."""
+        this wrapper refuses calls afterwards. A call in flight in another thread meanwhile raises RuntimeError
+        when it finishes its step, rather than return a result computed partly without the prefix."""
         self._check_usable()
+        self._unloaded = True  # first: a call that meets the restored attention sees the flag when it ends
         if self._decoder_positions is not None:
             self._decoder_positions.remove()
         self.base_model.set_attn_implementation(self._previous_attention)
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        self._unloaded = True
         return self.base_model
 
     def _check_usable(self) -> None:
@@ -424,10 +539,14 @@ class PrefixModel(nn.Module):
             raise RuntimeError("PrefixModel: unload() has given the base model back; this wrapper no longer runs "
                                "(wrap the model again with get_prefix_model or PrefixModel.from_pretrained)")
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's (trainable parameters, all parameters)."""
+        return (sum(p.numel() for p in self.parameters() if p.requires_grad),
+                sum(p.numel() for p in self.parameters()))
+
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, as PEFT does."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} "
               f"|| trainable%: {100 * trainable / total:.4f}")
 

@@ -104,15 +104,19 @@ class Packing:
         return len(self.lengths)
 
 
-def find_packing(kwargs: dict) -> Packing | None:
-    """The packing of a decoder's forward inputs, as transformers' flash path finds it: from `cu_seq_lens_q` when
-    the data collator gives it, else from `position_ids` that restart at 0 in a batch of one row with no attention
-    mask and no cache; None for an ordinary batch. Reads the sequence offsets once per call, never per layer."""
-    if kwargs.get("cu_seq_lens_q") is not None:
-        cu_seqlens = kwargs["cu_seq_lens_q"].to(torch.int32)
-        if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"].to(cu_seqlens),
-                                                                      cu_seqlens):
-            raise ValueError("cu_seq_lens_k: expected the same offsets as cu_seq_lens_q (self-attention)")
+def find_packing(kwargs: dict, encoder_decoder: bool) -> Packing | None:
+    """The packing of a forward's inputs, decided here and nowhere else, as transformers' flash path finds it: from
+    the data collator's `cu_seq_lens_q` / `cu_seq_lens_k`, else, in a decoder, from `position_ids` that restart at
+    0 in a batch of one row with no attention mask and no cache; None for an ordinary batch.
+
+    A packing signal that cannot be honoured is refused by name, never ignored: `cu_seq_lens_*` given to an
+    encoder-decoder, for more than one row, beside an attention mask with padding or a filled cache, or with
+    offsets that do not cover the row. Reads the sequence offsets once per call, never per layer."""
+    given = [name for name in ("cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(name) is not None]
+    if given:
+        cu_seqlens = _collator_offsets(kwargs, given, encoder_decoder)
+    elif encoder_decoder:
+        return None
     else:
         positions = kwargs.get("position_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -129,6 +133,39 @@ def find_packing(kwargs: dict) -> Packing | None:
         cu_seqlens = torch.tensor([*starts, positions.shape[0]], dtype=torch.int32, device=positions.device)
     lengths = cu_seqlens.diff().tolist()
     return Packing(cu_seqlens, max(lengths, default=0), lengths)
+
+
+def _collator_offsets(kwargs: dict, given: list[str], encoder_decoder: bool) -> torch.Tensor:
+    """The offsets (int32 `[N + 1]`) of the packed sequences `cu_seq_lens_*` name, checked against the inputs."""
+    name = given[0]
+    if encoder_decoder:
+        raise ValueError(f"{name}: packed sequences are not supported by encoder-decoders (their decoder positions "
+                         "and cross-attention are per row); expected a padded batch")
+    offsets = kwargs[name]
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.is_floating_point():
+        raise ValueError(f"{name}: expected integer offsets [N + 1], got {getattr(offsets, 'shape', offsets)!r}")
+    if len(given) == 2 and not torch.equal(kwargs["cu_seq_lens_k"].to(offsets.device, offsets.dtype), offsets):
+        raise ValueError("cu_seq_lens_k: expected the same offsets as cu_seq_lens_q (self-attention)")
+    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if tokens is None:
+        raise ValueError(f"{name}: packed sequences need input_ids or inputs_embeds, got neither")
+    if tokens.shape[0] != 1:
+        raise ValueError(f"{name}: packed sequences are one row of back-to-back tokens, got {tokens.shape[0]} rows; "
+                         "expected a batch of one row")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
+        raise ValueError(f"attention_mask: with {name} the packed sequences lie back to back with no padding, so "
+                         f"the mask must be None or all ones; got {'padding' if mask.dim() == 2 else 'a 4-D mask'}. "
+                         "Drop the padded tokens from the row, or the mask")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(f"{name}: packed sequences take no filled cache, got one holding {cache.get_seq_length()} "
+                         "tokens")
+    listed = offsets.tolist()
+    if listed[:1] != [0] or listed[-1] != tokens.shape[1] or any(a > b for a, b in zip(listed, listed[1:])):
+        raise ValueError(f"{name}: expected offsets from 0 to the row's {tokens.shape[1]} tokens, never decreasing, "
+                         f"got {listed}")
+    return offsets.to(torch.int32)
 
 
 class Positions:
@@ -152,28 +189,34 @@ class Positions:
 
     def __call__(self, kwargs: dict, plan: PrefixPlan, packing: Packing | None) -> torch.Tensor:
         """The `position_ids` of this forward: the given ones shifted by P, else the model's own numbering as if P
-        tokens came before the cache."""
+        tokens came before the cache (restarting for every packed sequence)."""
         offsets = self.offsets(plan, packing)
+        if packing is not None:
+            self.check_length(packing.longest, 0, max(plan.row_lengths), packed=True)
         if kwargs.get("position_ids") is not None:
             return kwargs["position_ids"] + offsets
         tokens = kwargs.get("input_ids")
         tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
         if packing is not None:
-            starts = packing.cu_seqlens[:-1].repeat_interleave(
-                torch.tensor(packing.lengths, device=packing.cu_seqlens.device))
+            starts = packing.cu_seqlens[:-1].long().repeat_interleave(
+                torch.tensor(packing.lengths, device=packing.cu_seqlens.device))  # [T]: each token's sequence start
+            if self.padding_numbering is not None:
+                return self.padding_numbering(tokens, kwargs.get("input_ids"), offsets, starts)
             return (torch.arange(tokens.shape[1], device=tokens.device) - starts)[None] + offsets
         if kwargs.get("cache_position") is not None:
             return kwargs["cache_position"][None] + offsets
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         self.check_length(tokens.shape[1], past, max(plan.row_lengths))
-        if self.padding_numbering is not None and kwargs.get("input_ids") is not None:
-            return self.padding_numbering(kwargs["input_ids"], past + offsets)
+        if self.padding_numbering is not None:
+            return self.padding_numbering(tokens, kwargs.get("input_ids"), past + offsets)
         return torch.arange(past, past + tokens.shape[1], device=tokens.device)[None] + offsets
 
-    def check_length(self, length: int, past: int, prefix: int) -> None:
+    def check_length(self, length: int, past: int, prefix: int, packed: bool = False) -> None:
         """Models with a table of learned positions: the prefix takes the first P of them (host ints only)."""
         if self.limit is not None and past + length + prefix > self.limit:
-            raise ValueError(f"input_ids: {length} tokens after {past} cached ones need positions up to "
-                             f"{past + length + prefix}, but {self.model_type} numbers only {self.limit} and the "
-                             f"prefix takes the first {prefix}; give at most {self.limit - prefix - past} tokens")
+            tokens = f"the {length} tokens of a packed sequence" if packed else \
+                f"{length} tokens after {past} cached ones"
+            raise ValueError(f"input_ids: {tokens} need positions up to {past + length + prefix}, but "
+                             f"{self.model_type} numbers only {self.limit} and the prefix takes the first {prefix}; "
+                             f"give at most {self.limit - prefix - past} tokens{' per sequence' if packed else ''}")

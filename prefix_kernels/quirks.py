@@ -15,11 +15,12 @@ quirk                      families                    what it does (tested in)
                                                        first P positions (test_encoder_decoder.py)
 `LearnedDecoderPositions`  BART, mBART, ...            learned decoder positions start at P
                                                        (test_encoder_decoder.py)
-`PaddingIdxPositions`      RoBERTa, XLM-R, ...         positions numbered after padding_idx, shifted by P
-                                                       (test_encoders.py)
-`learned_position_limit`   GPT-2, OPT, BERT, ...       a table of learned positions: a prompt that fits the
-                                                       model but not after P prefix positions is refused by
-                                                       name (test_messages.py)
+`PaddingIdxPositions`      RoBERTa, XLM-R, ...         positions numbered after padding_idx, shifted by P,
+                                                       per packed sequence too (test_encoders.py)
+`learned_position_limit`   GPT-2, OPT, BERT, ...       a table of learned positions: a prompt (or packed
+                                                       sequence) that fits the model but not after P prefix
+                                                       positions is refused by name (test_messages.py,
+                                                       test_packed_models.py)
 per-layer head dims        Gemma 4                     narrower layers read a slice of the widest layer's
                                                        prefix, in the attention function (test_decoders.py)
 """
@@ -187,20 +188,33 @@ class LearnedDecoderPositions:
 
 
 class PaddingIdxPositions:
-    """RoBERTa's family numbers positions after `padding_idx`, skipping padding; the real tokens are numbered as
-    if P tokens came first."""
+    """RoBERTa's family numbers positions from padding_idx + 1, skipping padding tokens (which keep padding_idx);
+    embeddings given instead of token ids are numbered in order. Real tokens are numbered as if the P prefix tokens
+    came first: from padding_idx + 1 + P, in every row and in every packed sequence."""
 
-    def __init__(self, numbering, padding_idx: int):
-        self.numbering, self.padding_idx = numbering, padding_idx
+    def __init__(self, padding_idx: int):
+        self.padding_idx = padding_idx
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> "PaddingIdxPositions | None":
         found = next((m for m in model.modules()
                       if hasattr(m, "create_position_ids_from_input_ids") and hasattr(m, "padding_idx")), None)
-        return None if found is None else cls(found.create_position_ids_from_input_ids, found.padding_idx)
+        return None if found is None else cls(found.padding_idx)
 
-    def __call__(self, input_ids: torch.Tensor, past_and_offset) -> torch.Tensor:
-        return self.numbering(input_ids, self.padding_idx, past_and_offset)
+    def __call__(self, tokens: torch.Tensor, input_ids: torch.Tensor | None, offsets,
+                 sequence_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions `[B, T]` of `tokens` (`input_ids` `[B, T]`, or embeddings when `input_ids` is None), the first
+        real token numbered padding_idx + 1 + `offsets` (cached tokens and P: an int, `[B, 1]` or `[1, T]`). With
+        `sequence_starts` (int64 `[T]`, the index of each token's packed sequence's first token) the count restarts
+        at every packed sequence."""
+        if input_ids is None:
+            real = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        else:
+            real = input_ids.ne(self.padding_idx).long()
+        count = real.cumsum(1)  # real tokens up to and including each one
+        if sequence_starts is not None:
+            count = count - (count - real)[:, sequence_starts]  # those before its packed sequence not counted
+        return (count + offsets) * real + self.padding_idx
 
 
 def learned_position_limit(model: PreTrainedModel) -> int | None:

@@ -3,8 +3,12 @@ model changes; pickle is never opened; unknown config fields survive a load and 
 
 import copy
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -71,6 +75,21 @@ def both(*breakers):
     return breaker
 
 
+def with_nonfinite(value, key="prompt_embeddings", shape=TABLE_SHAPE):
+    tensor = torch.zeros(shape)
+    tensor[1, 2] = value
+    return {"prompt_embeddings": torch.zeros(TABLE_SHAPE), key: tensor}
+
+
+def special_file(make):
+    """A breaker that replaces the weights file by what `make(path)` creates there."""
+    def breaker(directory):
+        path = directory / "adapter_model.safetensors"
+        path.unlink()
+        make(path)
+    return breaker
+
+
 def truncated(directory):
     path = directory / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -126,6 +145,34 @@ BROKEN = {
                       weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE),
                                "base_model.lm_head.weight": torch.zeros(97, 64, dtype=torch.int32)})), ValueError,
                  "^adapter_model.safetensors: 'base_model.lm_head.weight' must be floating point, got torch.int32"),
+    "head-shape": (both(config_edit(modules_to_save=["lm_head"]),
+                        weights({"prompt_embeddings": torch.zeros(TABLE_SHAPE),
+                                 "base_model.lm_head.weight": torch.zeros(5, 5)})), ValueError,
+                   r"^adapter_model.safetensors: 'base_model.lm_head.weight' has shape \[5, 5\], the model's is "
+                   r"\[97, 64\]"),
+    "table-nan": (weights(with_nonfinite(float("nan"))), ValueError,
+                  r"^prompt_embeddings: holds 1 non-finite values \(NaN or inf\) in '.*table-nan/adapter_model"
+                  r"\.safetensors'; expected finite numbers"),
+    "table-inf": (weights(with_nonfinite(float("-inf"))), ValueError, r"^prompt_embeddings: holds 1 non-finite"),
+    "head-nan": (both(config_edit(modules_to_save=["lm_head"]),
+                      weights(with_nonfinite(float("nan"), "base_model.lm_head.weight", (97, 64)))), ValueError,
+                 r"^adapter_model.safetensors: 'base_model.lm_head.weight' holds 1 non-finite values"),
+    # the MLP a projection would build is bounded by the model's size (this one would take 7 GB)
+    "huge-encoder-hidden-size": (config_edit(prefix_projection=True, encoder_hidden_size=16_000_000), ValueError,
+                                 r"^encoder_hidden_size: 16000000 would make a projection MLP larger than the whole "
+                                 r"model \([0-9,]+ parameters\); expected at most [0-9]+$"),
+    "weights-fifo": (special_file(os.mkfifo), ValueError,
+                     r"^adapter_model.safetensors: '.*weights-fifo/adapter_model.safetensors' is a FIFO; expected a "
+                     r"regular file$"),
+    "weights-dev-zero": (special_file(lambda path: path.symlink_to("/dev/zero")), ValueError,
+                         r"^adapter_model.safetensors: .* is a character device; expected a regular file$"),
+    "weights-dangling-link": (special_file(lambda path: path.symlink_to(path.parent / "absent")), ValueError,
+                              r"^adapter_model.safetensors: .* is a link to nothing; expected a regular file$"),
+    "config-huge": (config_edit(notes="x" * (1 << 20)), ValueError,
+                    r"^adapter_config.json: 1,048,[0-9]+ bytes in '.*config-huge/adapter_config.json'; expected at "
+                    r"most 1,048,576 for a config$"),
+    "config-fifo": (lambda d: ((d / "adapter_config.json").unlink(), os.mkfifo(d / "adapter_config.json")),
+                    ValueError, r"^adapter_config.json: .* is a FIFO; expected a regular file$"),
     "truncated": (truncated, ValueError, r"^adapter_model\.safetensors: cannot be read as safetensors"),
     "no-weights": (remove("adapter_model.safetensors"), ValueError,
                    r"^directory: expected adapter_model\.safetensors .* found: adapter_config\.json$"),
@@ -180,3 +227,59 @@ def test_unknown_config_fields_survive_a_resave(adapter_dir, tmp_path):
     saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert saved["peft_version"] == "0.99.0" and saved["my_notes"] == {"data": ["a", "b"], "epochs": 3}
     assert saved["num_virtual_tokens"] == P and saved["peft_type"] == "PREFIX_TUNING"
+
+
+def test_a_projection_adapter_resumes_training_without_building_its_mlp(tmp_path, monkeypatch):
+    """The saved table is what the MLP projected to: loading it trainable builds no MLP (no Linear layer is made)
+    and gives the same logits."""
+    trained = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True,
+                                                                         encoder_hidden_size=40))
+    trained.save_pretrained(tmp_path)
+    base = tiny_decoder("llama")
+
+    def no_linear(*args, **kwargs):
+        raise AssertionError("loading a saved table built a Linear layer")
+
+    monkeypatch.setattr(torch.nn, "Linear", no_linear)
+    model = PrefixModel.from_pretrained(base, tmp_path, is_trainable=True)
+    model.load_adapter(tmp_path, adapter_name="again", is_trainable=True)
+    monkeypatch.undo()
+    ids = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        for name in ("default", "again"):
+            encoder = model.prefix_encoders[name]
+            assert not hasattr(encoder, "transform") and encoder.embedding.weight.requires_grad
+            torch.testing.assert_close(model(input_ids=ids, adapter_names=[name]).logits, want)
+
+
+PEAK_RSS = textwrap.dedent("""
+    import json, resource, sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from tiny_models import tiny_decoder
+    from prefix_kernels import PrefixModel
+    model = tiny_decoder("llama")
+    PrefixModel.from_pretrained(tiny_decoder("llama"), sys.argv[3])  # imports and first-call allocations done
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        PrefixModel.from_pretrained(model, sys.argv[1], is_trainable=True)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(json.dumps({"grown_kb": grown, "error": error}))
+""")
+
+
+def test_an_adapter_file_sizing_a_huge_mlp_is_refused_before_allocating(adapter_dir, tmp_path):
+    """Measured by the peak resident memory of a fresh process: a 4 KB adapter whose encoder_hidden_size would size a
+    450 MB projection MLP is refused, and the process grows by less than 32 MB."""
+    huge = tmp_path / "huge"
+    shutil.copytree(adapter_dir, huge)
+    config_edit(prefix_projection=True, encoder_hidden_size=1_000_000)(huge)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(huge), os.path.dirname(__file__), str(adapter_dir)],
+                            capture_output=True, text=True, timeout=300, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["grown_kb"] < 32 * 1024, measured
+    assert measured["error"] is not None and measured["error"].startswith("encoder_hidden_size: 1000000 would make")

@@ -216,3 +216,32 @@ def test_adapter_names_are_names_not_paths(model, bad, tmp_path):
             call()
     assert list(model.peft_config) == before[0]
     assert all(torch.equal(p, before[1][n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("call, step", [("forward", 1), ("generate", 3)])
+def test_unload_from_another_thread_fails_the_call_in_flight(model, call, step):
+    """unload() in another thread while a call runs (here after the first layer of its `step`-th forward): the call
+    raises rather than return a result computed partly without the prefix; the base model is given back."""
+    ids, _ = padded(1, 5)
+    base = model.get_base_model()
+    reference = copy.deepcopy(base)
+    forwards = []
+
+    def unload_elsewhere(module, args, output):
+        forwards.append(None)
+        if len(forwards) == step:
+            worker = threading.Thread(target=model.unload)
+            worker.start()
+            worker.join()
+
+    handle = base.model.layers[0].register_forward_hook(unload_elsewhere)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"^PrefixModel: unload\(\) gave the base model back "
+                                                            r"while this call ran"):
+        if call == "forward":
+            model(input_ids=ids)
+        else:
+            model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    handle.remove()
+    assert len(forwards) == step  # the call stopped at the step the unload happened in
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)

@@ -150,3 +150,33 @@ def test_an_adapter_loaded_into_an_unsupported_model_says_so(tmp_path):
     bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="^model: bloom is not supported"):
         PrefixModel.from_pretrained(bloom, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_packed_sequences_from_cu_seq_lens_equal_each_alone(kind):
+    """The collator's `cu_seq_lens_*` without `position_ids`: every packed sequence numbered as it is alone (RoBERTa
+    from padding_idx + 1 + P)."""
+    from transformers import DataCollatorWithFlattening
+
+    model = get_prefix_model(tiny_encoder(kind, BertForTokenClassification), PrefixTuningConfig(
+        task_type="TOKEN_CLS" if kind == "bert" else "SEQ_CLS", num_virtual_tokens=P))
+    sequences = [torch.randint(5, 120, (n,)).tolist() for n in (5, 7, 1, 3)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+        [{"input_ids": s} for s in sequences])
+    assert "position_ids" not in batch
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
+                       cu_seq_lens_k=batch["cu_seq_lens_k"], output_hidden_states=True).hidden_states[-1]
+        start = 0
+        for sequence in sequences:
+            alone = model(input_ids=torch.tensor([sequence]), output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(packed[0, start:start + len(sequence)], alone[0], atol=1e-5, rtol=1e-5)
+            start += len(sequence)
+
+
+def test_roberta_numbers_embeddings_as_token_ids():
+    model = get_prefix_model(tiny_encoder("roberta"), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+    ids = torch.randint(5, 120, (2, 6))
+    embeddings = model.get_base_model().roberta.embeddings.word_embeddings(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeddings).logits, model(input_ids=ids).logits)

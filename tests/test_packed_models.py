@@ -137,3 +137,78 @@ def test_packed_keeps_the_sliding_window(name, flash_kwargs):
         start += len(seq)
     torch.testing.assert_close(model.prefix_encoders["default"].embedding.weight.grad, reference_grad,
                                atol=1e-6, rtol=1e-5)
+
+
+def test_cu_seq_lens_k_alone_is_honoured(model):
+    sequences = examples()
+    ids, mask, _ = padded(sequences)
+    batch = packed(sequences, flash_kwargs=True)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=batch["input_ids"], cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
+        ones = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]),
+                     cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
+    start = 0
+    for row, seq in enumerate(sequences):
+        torch.testing.assert_close(out[0, start:start + len(seq)], reference[row, :len(seq)], atol=1e-5, rtol=1e-5)
+        start += len(seq)
+    torch.testing.assert_close(ones, out, atol=0, rtol=0)
+
+
+def refusals():
+    """(name, the call's keyword arguments besides input_ids, error pattern) of packing signals that cannot be
+    honoured."""
+    cu = packed(examples(), flash_kwargs=True)["cu_seq_lens_q"]
+    total = sum(LENGTHS)
+    padding = torch.ones(1, total, dtype=torch.long)
+    padding[0, -1] = 0
+    return {
+        "mask-with-padding": (dict(attention_mask=padding, cu_seq_lens_q=cu, cu_seq_lens_k=cu),
+                              r"^attention_mask: with cu_seq_lens_q the packed sequences lie back to back with no "
+                              r"padding, so the mask must be None or all ones; got padding"),
+        "4d-mask": (dict(attention_mask=torch.ones(1, 1, total, total, dtype=torch.bool), cu_seq_lens_q=cu),
+                    r"^attention_mask: .* got a 4-D mask"),
+        "two-rows": (dict(cu_seq_lens_q=cu, rows=2), r"^cu_seq_lens_q: packed sequences are one row of back-to-back "
+                                                     r"tokens, got 2 rows"),
+        "short-offsets": (dict(cu_seq_lens_q=cu[:-1]), r"^cu_seq_lens_q: expected offsets from 0 to the row's 16 "
+                                                       r"tokens, never decreasing, got \[0, 5, 12, 13\]"),
+        "disagreeing": (dict(cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 16], dtype=torch.int32)),
+                        r"^cu_seq_lens_k: expected the same offsets as cu_seq_lens_q"),
+    }
+
+
+@pytest.mark.parametrize("case", list(refusals()))
+def test_packing_signals_that_cannot_be_honoured_are_refused(model, case):
+    call, message = refusals()[case]
+    ids = torch.randint(3, VOCAB, (call.pop("rows", 1), sum(LENGTHS)))
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, **call)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoders_refuse_cu_seq_lens(name):
+    import transformers as T
+
+    torch.manual_seed(0)
+    base = T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_heads=4, decoder_start_token_id=0, dropout_rate=0.0)) \
+        if name == "t5" else T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    wrapped = get_prefix_model(base.eval(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    batch = packed(examples(), flash_kwargs=True)
+    with pytest.raises(ValueError, match=r"^cu_seq_lens_q: packed sequences are not supported by encoder-decoders"):
+        wrapped(input_ids=batch["input_ids"], decoder_input_ids=batch["input_ids"],
+                cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"])
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_a_packed_sequence_past_the_learned_positions_is_refused_by_name(flash_kwargs):
+    model = get_prefix_model(tiny_decoder("gpt2"), PrefixTuningConfig(num_virtual_tokens=8))  # n_positions=128
+    fits = packed(examples([120, 3]), flash_kwargs)
+    model(**fits)
+    batch = packed(examples([3, 121]), flash_kwargs)
+    with pytest.raises(ValueError, match=r"^input_ids: the 121 tokens of a packed sequence need positions up to 129, "
+                                         r"but gpt2 numbers only 128 and the prefix takes the first 8; give at most "
+                                         r"120 tokens per sequence"):
+        model(**batch)

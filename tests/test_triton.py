@@ -165,3 +165,24 @@ def test_views_a_tile_cannot_walk_in_int32_are_copied():
     assert tileable(t, 2) is t
     wide = torch.empty(3 * MAX_TILE_STRIDE).as_strided((3, 4), (MAX_TILE_STRIDE, 1))
     assert tileable(wide, 1) is wide and tileable(wide, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("cap", [1.0, 50.0, 1e3, 1e6])
+@pytest.mark.parametrize("sq", [1, 9], ids=["decode", "prefill"])
+def test_softcap_keeps_the_precision_of_the_logits_at_every_cap(cap, sq):
+    """`cap * tanh(s / cap)` must not lose bits as the cap grows (a tanh through a sigmoid loses cap * eps): the
+    output and every gradient stay within twice the torch backend's float32 error against the float64 oracle."""
+    tensors, mask, index = make_inputs(2, 4, 2, sq, 13, 3, 16, "shared", "padding", dtype=torch.float32)
+    tensors, mask, index = on_device(tensors, mask, index, DEVICE)
+    with torch.no_grad():
+        tensors[0].mul_(3.0)  # logits of a few units up to ~50: small caps bend them, large ones leave them be
+    ref, _ = oracle_attention(*[t.double() for t in tensors], attention_mask=mask, softcap=cap)
+    grad = torch.randn_like(ref)
+    want = (ref, *torch.autograd.grad(ref, tensors, grad))
+    errors = {}
+    for backend in ("triton", "torch"):
+        o = prefix_attention(*tensors, attention_mask=mask, softcap=cap, backend=backend)
+        got = (o, *torch.autograd.grad(o, tensors, grad.float()))
+        errors[backend] = [(g.double() - w.double()).abs().max().item() for g, w in zip(got, want)]
+    for name, ours, torch_error in zip(("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), *errors.values()):
+        assert ours <= 2 * torch_error + 1e-6, f"{name}: error {ours:.2e} > 2 x the torch backend's {torch_error:.2e}"

@@ -98,3 +98,32 @@ def test_gpu_packed_equals_each_sequence_alone(lengths):
             grads = torch.autograd.grad(alone, (q, k, v), grad[qs].transpose(0, 1)[None])
             for got, want, part in zip(packed_grads, grads, (qs, ks, ks)):
                 torch.testing.assert_close(got[part], want[part], atol=5e-2, rtol=0)
+
+
+class GridSpy:
+    """Stands in for a kernel: records the programs each launch asks for (at BLOCK_M = 16), then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.programs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.programs.append(grid({"BLOCK_M": 16})[0])
+            return self.kernel[grid](**kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("lengths", [[20], [20, 3]])
+def test_an_overstated_max_seqlen_launches_no_more_than_the_tokens_need(monkeypatch, lengths):
+    """max_seqlen sizes the grid (as in FlashAttention), capped for free by the packed total: 20 tokens called
+    with max_seqlen 16384 launch what max_seqlen = the total launches, with the same result."""
+    from prefix_kernels.ops import triton_prefix_attention
+
+    spy = GridSpy(triton_prefix_attention._forward_kernel)
+    monkeypatch.setattr(triton_prefix_attention, "_forward_kernel", spy)
+    tensors, cu_q, cu_k, _ = packed_inputs(lengths, lengths, 4, 2, 3, 16, "shared")
+    outs = [prefix_attention(*tensors, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=n, max_seqlen_k=n,
+                             backend="triton") for n in (max(lengths), sum(lengths), 16384)]
+    exact, total, overstated = spy.programs
+    assert overstated == total <= 2 * exact
+    assert torch.equal(outs[2], outs[0]) and torch.equal(outs[1], outs[0])

@@ -95,10 +95,24 @@ def prefix_attention_forward(
         return out[None], None
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # the 4-D mask holds the whole pattern
+        if attention_mask.is_floating_point():  # an additive mask the caller gave: a bias on the sequence keys
+            position_bias = _add_on_sequence_keys(position_bias, attention_mask)
+            attention_mask = None
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling, attention_mask=attention_mask,
         prefix_index=index, prefix_lengths=lengths, attention_bias=position_bias, softcap=softcap)
     return out.transpose(1, 2), None
+
+
+def _add_on_sequence_keys(bias: torch.Tensor | None, additive: torch.Tensor) -> torch.Tensor:
+    """`bias` (None, over the sequence keys, or over `[prefix ; sequence]`) plus `additive` on the sequence keys."""
+    if bias is None:
+        return additive
+    n_prefix = bias.shape[-1] - additive.shape[-1]
+    sequence = bias[..., n_prefix:] + additive
+    if not n_prefix:
+        return sequence
+    return torch.cat([bias[..., :n_prefix].expand(*sequence.shape[:-1], -1).to(sequence.dtype), sequence], dim=-1)
 
 
 def _as_before(module, query, key, value, attention_mask, *, is_causal, **kwargs):
@@ -119,9 +133,10 @@ def _as_before(module, query, key, value, attention_mask, *, is_causal, **kwargs
         else:
             mask = None
     if eager:
-        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-        return _eager_attention(module)(module, query, key, value,
-                                        additive.masked_fill_(~mask, torch.finfo(query.dtype).min), **kwargs)
+        if not mask.is_floating_point():  # eager adds its mask (a caller's 4-D float mask already is one)
+            additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+            mask = additive.masked_fill_(~mask, torch.finfo(query.dtype).min)
+        return _eager_attention(module)(module, query, key, value, mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, mask, is_causal=is_causal, **kwargs)
 
 

@@ -149,10 +149,24 @@ def mask_free_end(lo, hi, full_end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def tanh(x):
+    """tanh(x) within a few ulps at every x, so that cap * tanh(s / cap) keeps s's precision however large the cap
+    (the identity through a sigmoid, cap * (2 * sigmoid(2x) - 1), loses cap * eps to cancellation). Below
+    |x| = 1/4 the odd Taylor polynomial to x^9 (the next term is under an ulp); beyond, (1 - e) / (1 + e) with
+    e = exp(-2|x|) <= exp(-1/2), where 1 - e cancels nothing."""
+    a = tl.abs(x)
+    x2 = x * x
+    series = x + x * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0))))
+    e = tl.math.exp2(a * (-2.0 * 1.4426950408889634))
+    closed = (1.0 - e) / (1.0 + e)
+    return tl.where(a < 0.25, series, tl.where(x < 0, -closed, closed))
+
+
+@triton.jit
 def capped(s, cap, HAS_SOFTCAP: tl.constexpr):
     """Base-2 logits s soft-capped as cap * tanh(s / cap) when HAS_SOFTCAP (cap in base-2 units too)."""
     if HAS_SOFTCAP:
-        s = cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)  # tanh through the sigmoid
+        s = cap * tanh(s / cap)
     return s
 
 
@@ -292,11 +306,22 @@ def broadcast_strides(name: str, t: torch.Tensor | None) -> dict:
     return {f"s_{name}{dim}": 0 if size == 1 else stride for dim, size, stride in zip("bhmn", t.shape, t.stride())}
 
 
+def longest(p: AttentionProblem) -> tuple[int, int]:
+    """(Sq, Skv) the grids are sized by: the shapes, or for packed sequences the longest query and key sequence.
+
+    As in FlashAttention, a packed call's grid follows the caller's `max_seqlen_q` / `max_seqlen_k` (host ints:
+    reading the offsets would make the host wait for the device), so a value larger than the real longest launches
+    programs that return at once. Nothing that costs a read caps them, but a sequence is never longer than all the
+    packed tokens together: that shape bounds them for free."""
+    sq, skv = p.q.shape[2], p.k.shape[2]
+    return (min(p.max_seqlen_q, sq), min(p.max_seqlen_k, skv)) if p.packed else (sq, skv)
+
+
 def launch_args(p: AttentionProblem) -> dict:
     """The keyword arguments every attention kernel takes: inputs, their strides, sizes and constexpr flags.
 
     Packed problems are one row of `[1, H, total, D]` with sequence offsets CU_Q / CU_K; SQ and SKV are then the
-    longest sequence (host ints from the caller), so grids are sized without reading the device.
+    longest sequence (`longest`), so grids are sized without reading the device.
     """
     q = tileable(p.q, 1)
     k, v = tileable(p.k, 2), tileable(p.v, 2)
@@ -307,6 +332,7 @@ def launch_args(p: AttentionProblem) -> dict:
     mask = None if p.mask is None else tileable(p.mask.view(torch.uint8), 1)
     bias = None if p.bias is None else tileable(p.bias, 1)
     n_prefix = pk.shape[-2]
+    grid_sq, grid_skv = longest(p)
     seq_bias = None if bias is None else bias[..., bias.shape[-1] - skv:]
     prefix_bias = None if bias is None or bias.shape[-1] == skv else bias[..., :n_prefix]
     # Row r reads entry r of the per-row tensors: a strided index or lengths tensor gets a contiguous copy.
@@ -320,8 +346,7 @@ def launch_args(p: AttentionProblem) -> dict:
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("pk", pk, "bhnd"), **strides("pv", pv, "bhnd"),
         **broadcast_strides("m", mask), **broadcast_strides("b", bias),
-        R=p.rows, HKV=hkv, G=hq // hkv, SQ=p.max_seqlen_q if p.packed else sq,
-        SKV=p.max_seqlen_k if p.packed else skv, P=n_prefix,
+        R=p.rows, HKV=hkv, G=hq // hkv, SQ=grid_sq, SKV=grid_skv, P=n_prefix,
         qk_scale=p.scale * LOG2E, cap=0.0 if p.softcap is None else p.softcap * LOG2E,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=p.causal, HAS_MASK=mask is not None,
         HAS_BIAS=seq_bias is not None, HAS_PREFIX_BIAS=prefix_bias is not None,

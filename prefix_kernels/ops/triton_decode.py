@@ -9,8 +9,8 @@ pass, reading every partial LSE once.
 
 The split count follows occupancy, as FlashInfer sizes its grid: as many programs as the GPU keeps resident at
 once (from the compiled kernel's registers and shared memory), but no split shorter than `MIN_SPLIT_KEYS`.
-Nothing is read from the device: packed sequences are planned from `max_seqlen_k`, and a program whose split
-lies past its sequence's keys returns at once.
+Nothing is read from the device: packed sequences are planned from `max_seqlen_k` (capped by the total, see
+`triton_common.longest`), and a program whose split lies past its sequence's keys returns at once.
 
 Backward is the prefill kernels' (it needs only O and LSE), so decode shapes stay differentiable.
 """
@@ -32,6 +32,7 @@ from .triton_common import (
     grouped_rows,
     launch_args,
     load_tile,
+    longest,
     row_offsets,
     sequence_bounds,
     strides,
@@ -85,7 +86,7 @@ def resident_programs(registers: int, shared: int, num_warps: int, sm: SMLimits)
 
 def takes(p: AttentionProblem) -> bool:
     """Whether the split-KV kernels serve this problem: few queries, and a GQA group that fits one program."""
-    sq = p.max_seqlen_q if p.packed else p.q.shape[2]
+    sq = longest(p)[0]
     return sq <= MAX_DECODE_QUERIES and p.group * sq <= MAX_DECODE_ROWS
 
 
