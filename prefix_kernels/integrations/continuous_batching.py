@@ -324,7 +324,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
                      **logit_processor_kwargs) -> list[str]:
         """transformers' `add_requests`, input i reading adapter `adapter_names[i]` (None: the active adapter for
         all). Every request is checked before any is queued; ids follow the inputs' order."""
-        names = check_names(self._prefix_model, adapter_names, len(inputs), "one per input")
+        names = check_names(self._prefix_model, adapter_names, len(inputs), "one per input") or [None] * len(inputs)
         for input_ids, name in zip(inputs, names):
             self._check_request(input_ids, name, max_new_tokens)
         request_ids = [f"req_{next(self._ids)}" for _ in inputs]
@@ -423,10 +423,10 @@ def _configs(model, generation_config, continuous_batching_config):
     return generation_config, continuous_batching_config or ContinuousBatchingConfig()
 
 
-def check_names(model, adapter_names, count: int, expected: str) -> list[str | None]:
-    """One adapter name (or None: the active adapter) per request, every name loaded."""
+def check_names(model, adapter_names, count: int, expected: str) -> list[str] | None:
+    """`adapter_names` as a list of `count` loaded adapter names, or None (every request reads the active adapter)."""
     if adapter_names is None:
-        return [None] * count
+        return None
     if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
         raise TypeError(f"adapter_names: expected a list of adapter names, got {adapter_names!r}")
     names = list(adapter_names)
@@ -465,7 +465,7 @@ def context_manager(model, generation_config=None, block: bool = True, timeout: 
 class _Inputs:
     """What transformers' `generate_batch` reads of a model, the adapters of its inputs bound."""
 
-    def __init__(self, model, names: list[str | None]):
+    def __init__(self, model, names: list[str] | None):
         self.model = model
         self.names = names
 
