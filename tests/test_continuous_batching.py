@@ -243,8 +243,9 @@ def test_nothing_is_left_behind(adapter_dirs):
     modes = [module.training for module in base.modules()]
     with torch.no_grad():
         wrapped, unwrapped = model(input_ids=ids).logits, base(input_ids=ids).logits
-    model.generate_batch(prompts([5, 8]), generation_config=greedy(), continuous_batching_config=engine(),
-                         adapter_names=["short", "long"])
+    inputs = prompts([5, 8])
+    out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=engine())
+    assert [result.generated_tokens for result in out.values()] == [alone(model, p, None, greedy()) for p in inputs]
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=engine())
     manager.start()
     manager.add_request(ids[0].tolist(), adapter_name="long")

@@ -49,7 +49,7 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 from ..plan import PrefixPlan, stack_bank
 from .attention_interface import ATTENTION_NAME, EAGER_NAME
 
-SUPPORTED = SpecifierSet(">=5.25,<5.26")
+SUPPORTED = SpecifierSet(">=5.24,<5.26")
 _FORK = "__child#"  # the engine names the forks of request r f"{r}__child#{i}"
 _INT32 = 2**31  # block hashes read token ids as int32
 
