@@ -17,8 +17,10 @@ real tokens count: tokens/s is the sum of the requests' own new tokens per secon
 past a row's answer. Each call checks that every request got its tokens, so a failed engine cannot pass for a fast
 one. Timed in interleaved rounds too (`measure.interleaved_seconds`).
 
-`extra_info`: `tokens_per_s`, `peak_mb` (`measure.peak_memory_mb`: on CPU, PyTorch's allocations in every thread,
-the engine's included), `reference`, `interleaved_s`, `interleaved_vs`.
+`extra_info`: `tokens_per_s`, `peak_mb` (`measure.peak_memory_mb`), `reference`, `interleaved_s`, `interleaved_vs`.
+On CPU the profiler behind `peak_mb` sees the calling thread only: for the continuous contenders it counts the paged
+cache the engine allocates up front (the same size for both) but not the activations of their steps, which the
+engine's own thread allocates. On CUDA every allocation counts.
 """
 
 import copy
