@@ -136,6 +136,7 @@ def test_prefix_caching_shares_blocks_within_an_adapter_never_across(adapter_dir
         for name in order:  # one at a time: each request's pages are complete before the next is scheduled
             request_id = manager.add_request(prompt, adapter_name=name)
             out[request_id] = (name, results(manager, 1)[request_id])
+        assert len(manager._adapters.requests) <= 1  # finished requests are forgotten (the last one at the next step)
     assert [matched[request_id] for request_id in out] == [0, 0, 0, 5 * PAGE, 5 * PAGE]
     expected = {name: alone(model, prompt, name, greedy()) for name in set(order)}
     for name, result in out.values():
@@ -155,8 +156,11 @@ def test_an_adapter_changed_in_place_is_served_afresh(adapter_dirs):
             model.prefix_encoders["long"].embedding.weight.mul_(-1.5)
         after = manager.add_request(prompt, adapter_name="long")
         new = results(manager, 1)[after].generated_tokens
+        manager.add_request(prompt, request_id=before, adapter_name="short")  # an id used again, another adapter
+        again = results(manager, 1)[before].generated_tokens
     assert matched[after] == 0
     assert new == alone(model, prompt, "long", greedy()) != old
+    assert again == alone(model, prompt, "short", greedy())
 
 
 @pytest.fixture(scope="module")
@@ -247,10 +251,11 @@ def test_nothing_is_left_behind(adapter_dirs):
     out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=engine())
     assert [result.generated_tokens for result in out.values()] == [alone(model, p, None, greedy()) for p in inputs]
     manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=engine())
-    manager.start()
-    manager.add_request(ids[0].tolist(), adapter_name="long")
-    results(manager, 1)
-    manager.stop(keep_for_next_session=True)
+    for _ in range(2):  # a manager starts again after stop
+        manager.start()
+        request_id = manager.add_request(ids[0].tolist(), adapter_name="long")
+        assert results(manager, 1)[request_id].generated_tokens == alone(model, ids[0].tolist(), "long", greedy())
+        manager.stop(keep_for_next_session=True)
     assert base.config._attn_implementation == implementation
     assert getattr(base, "_cached_continuous_batching_manager", None) is None
     assert [module.training for module in base.modules()] == modes

@@ -5,7 +5,8 @@ attention). Every attention layer then calls `prefix_attention_forward`:
 
 - inside a `PrefixModel` call the layer receives the call's `PrefixPlan` as the keyword argument `prefix_plan`
   (transformers passes forward's keyword arguments down to every attention call) and computes attention over
-  its prefix and the sequence with `prefix_attention`;
+  its prefix and the sequence with `prefix_attention`: a padded batch, packed sequences, or one step of
+  transformers' continuous batching (`continuous_batching.py`), whose layers receive the engine's varlen offsets;
 - outside one (the base model called directly, a PEFT model sharing it) it runs the implementation the model
   had before wrapping, SDPA or eager, on exactly the mask that implementation would have built, so the model
   computes what it computed before.

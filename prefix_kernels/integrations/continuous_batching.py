@@ -70,11 +70,21 @@ class _Version:
     length: int  # P
 
 
+@dataclass(eq=False)
+class _Request:
+    """A live request: the version it reads, and for a request with forks, how many the engine has yet to show."""
+
+    version: _Version
+    forks: int = 0
+    finished: bool = False  # finished, kept until its forks are seen
+
+
 class _Adapters:
     """What a manager serves: each adapter version asked for, and the version each live request reads.
 
     Written by the threads that add requests, read by the engine's thread (one lock). A version stays while it is
     its adapter's current one or a live request reads it; the bank of all of them is rebuilt when that set changes.
+    A request is forgotten once it has finished or been cancelled, unless its id was added again meanwhile.
     """
 
     def __init__(self, model, forks: int):
@@ -85,9 +95,8 @@ class _Adapters:
         self.codes = itertools.count()
         self.current: dict[str, tuple[tuple, _Version]] = {}  # name -> (weights fingerprint, version)
         self.versions: dict[int, _Version] = {}  # code -> version
-        self.requests: dict[str, int] = {}  # request id -> code
-        self.unforked: dict[str, int] = {}  # request id -> forks not seen yet
-        self.finished_parents: set[str] = set()  # finished, kept for forks not seen yet
+        self.requests: dict[str, _Request] = {}  # request id -> request
+        self.cancelled: list[tuple[str, _Request]] = []  # to forget once out of the engine's steps
         self.bank_codes: tuple[int, ...] = ()
         self.bank: torch.Tensor | None = None
 
@@ -109,30 +118,34 @@ class _Adapters:
 
     def add(self, request_id: str, version: _Version) -> None:
         with self.lock:
-            self.requests[request_id] = version.code
-            if self.forks:
-                self.unforked[request_id] = self.forks
+            self.requests[request_id] = _Request(version, self.forks)
 
     def discard(self, request_id: str) -> None:
         """Forget a request the engine refused."""
         with self.lock:
-            self.unforked.pop(request_id, None)
             self.requests.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> None:
+        with self.lock:
+            if request_id in self.requests:
+                self.cancelled.append((request_id, self.requests[request_id]))
 
     def salted(self, request_id: str, tokens: list[int]) -> list[int] | None:
         """`tokens` as the request's block hashes read them: the first one moved into its version's own id range;
         None when that range is past int32 (the request then shares no block)."""
         with self.lock:
-            first = tokens[0] + self._code(request_id) * self.vocab
+            first = tokens[0] + self._request(request_id).version.code * self.vocab
         return [first, *tokens[1:]] if first < _INT32 else None
 
-    def step(self, request_ids: list[str], gone: list[str]) -> list[_Version]:
-        """The versions the step's requests read, after forgetting `gone` (requests done) but the step's own."""
+    def step(self, request_ids: list[str], finished: list[tuple[str, _Request]]) -> list[_Request]:
+        """The step's requests; those that `finished` or were cancelled are forgotten, but the step's own."""
         with self.lock:
-            versions = [self.versions[self._code(request_id)] for request_id in request_ids]
-            for request_id in set(gone) - set(request_ids):
-                self._forget(request_id)
-            return versions
+            requests = [self._request(request_id) for request_id in request_ids]
+            running = set(request_ids)
+            for request_id, request in finished + [item for item in self.cancelled if item[0] not in running]:
+                self._forget(request_id, request)
+            self.cancelled = [item for item in self.cancelled if item[0] in running]
+            return requests
 
     def bank_rows(self) -> tuple[torch.Tensor, dict[int, int]]:
         """(`[L, 2, N, Hkv, P, D]` every version's table zero-padded to the longest P, code -> entry)."""
@@ -147,35 +160,35 @@ class _Adapters:
         """Forget every request (the engine has stopped); the versions stay, their codes never reused."""
         with self.lock:
             self.requests.clear()
-            self.unforked.clear()
-            self.finished_parents.clear()
+            self.cancelled.clear()
             self._drop_unread()
 
-    def _code(self, request_id: str) -> int:
-        code = self.requests.get(request_id)
-        if code is not None:
-            return code
-        parent = request_id.rpartition(_FORK)[0]
-        if parent not in self.requests:
+    def _request(self, request_id: str) -> _Request:
+        request = self.requests.get(request_id)
+        if request is not None:
+            return request
+        parent_id = request_id.rpartition(_FORK)[0]
+        parent = self.requests.get(parent_id)
+        if parent is None:
             raise RuntimeError(f"continuous batching: request {request_id!r} was not added through this manager")
-        code = self.requests[request_id] = self.requests[parent]
-        self.unforked[parent] -= 1
-        if not self.unforked[parent]:
-            del self.unforked[parent]
-            if parent in self.finished_parents:
-                self.finished_parents.discard(parent)
-                self._forget(parent)
-        return code
+        request = self.requests[request_id] = _Request(parent.version)
+        parent.forks -= 1
+        if parent.finished:
+            self._forget(parent_id, parent)
+        return request
 
-    def _forget(self, request_id: str) -> None:
-        if self.unforked.get(request_id):
-            self.finished_parents.add(request_id)  # its forks have yet to be seen
+    def _forget(self, request_id: str, request: _Request) -> None:
+        if self.requests.get(request_id) is not request:
+            return  # gone already, or the id was added again
+        if request.forks:
+            request.finished = True  # its forks have yet to be seen
             return
-        if self.requests.pop(request_id, None) is not None:
-            self._drop_unread()
+        del self.requests[request_id]
+        self._drop_unread()
 
     def _drop_unread(self) -> None:
-        read = set(self.requests.values()) | {version.code for _, version in self.current.values()}
+        read = {request.version.code for request in self.requests.values()}
+        read |= {version.code for _, version in self.current.values()}
         for code in [code for code in self.versions if code not in read]:
             del self.versions[code]
 
@@ -240,8 +253,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         self._adapters = _Adapters(model, forks)
         self._modes = _Modes(base)
         self._salted_cache = None
-        self._previous: list = []  # the last step's (request id, state)
-        self._cancelled: list[str] = []
+        self._previous: list = []  # the last step's (request id, engine state, our request)
         self._ids = itertools.count()
         view = copy.copy(base)  # the same modules; its own forward, which adds each step's plan
         view.__dict__.pop("_compiled_call", None)
@@ -274,12 +286,11 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         """One engine step: the base model's forward with the step's plan and positions shifted by each P."""
         self._prefix_model._check_usable()
         batch = self.batch_processor.inputs_and_outputs.requests_in_batch
-        gone = [rid for rid, state in self._previous if state.status >= RequestStatus.FINISHED] + self._cancelled
-        request_ids = [future.state.request_id for future in batch]
-        versions = self._adapters.step(request_ids, gone)
-        self._cancelled = [rid for rid in self._cancelled if rid in request_ids]
-        self._previous = [(future.state.request_id, future.state) for future in batch]
-        plan, offsets = self._plan(versions, [future.query_length for future in batch], kwargs["input_ids"].device)
+        finished = [(rid, request) for rid, state, request in self._previous if state.status >= RequestStatus.FINISHED]
+        requests = self._adapters.step([future.state.request_id for future in batch], finished)
+        self._previous = [(future.state.request_id, future.state, request) for future, request in zip(batch, requests)]
+        plan, offsets = self._plan([request.version for request in requests], [future.query_length for future in batch],
+                                   kwargs["input_ids"].device)
         kwargs["position_ids"] = kwargs["position_ids"] + offsets
         return forward(**kwargs, prefix_plan=plan)
 
@@ -340,7 +351,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
 
     def cancel_request(self, request_id: str) -> None:
         super().cancel_request(request_id)
-        self._cancelled.append(request_id)
+        self._adapters.cancel(request_id)
 
     def _check_request(self, input_ids, adapter_name: str | None, max_new_tokens: int | None) -> _Version:
         model = self._prefix_model
@@ -373,7 +384,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         if not self.is_running():
             self._modes.restore()
             self._adapters.clear()
-            self._previous, self._cancelled = [], []
+            self._previous = []
 
 
 def _check_model(model) -> None:
