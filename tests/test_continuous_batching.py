@@ -163,6 +163,21 @@ def test_an_adapter_changed_in_place_is_served_afresh(adapter_dirs):
     assert again == alone(model, prompt, "short", greedy())
 
 
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_mqa_and_learned_positions_equal_each_request_alone(family):
+    """Mistral with one KV head; GPT-2, whose learned positions the prefix's P come first in."""
+    model = get_prefix_model(tiny_decoder(family), PrefixTuningConfig(num_virtual_tokens=4))
+    inputs = prompts([5, 16], seed=9)
+    out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=engine())
+    for result, prompt in zip(out.values(), inputs):
+        assert result.generated_tokens == alone(model, prompt, None, greedy())
+    if family == "gpt2":  # 128 positions: 4 for the prefix, 120 for the prompt, none left to generate
+        manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=engine())
+        with pytest.raises(ValueError, match=r"^input_ids: 120 tokens and max_new_tokens=5 exceed gpt2's learned "
+                                             r"positions after a prefix of 4 \(124 tokens in all\)"):
+            manager.add_request(prompts([120])[0])
+
+
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
     """Gemma 2: logits soft-capped, sliding and full attention layers in turn (two paged caches); two adapters."""
