@@ -16,7 +16,8 @@ Prefix caching: the engine shares cache blocks between requests whose prompts st
 over the blocks' tokens. A block's keys depend on the adapter (every layer above the first sees the prefix), so the
 manager salts each request's chain with its adapter version: the first token of the hashed tokens is moved into a
 range of token ids of that version's own (`token + code * vocab`), so two versions never share a chain and one
-version's requests still share theirs.
+version's requests still share theirs. (Hashes read token ids as int32: a version whose range would pass 2^31
+shares no block; codes count the adapter versions a manager served.)
 
 The engine's internals this relies on (transformers `SUPPORTED`, tested there; any other version is refused):
 - `ContinuousBatchingManager.switch_to_cb_friendly_attn` (overridden: it takes only its own attention names);
@@ -26,7 +27,10 @@ The engine's internals this relies on (transformers `SUPPORTED`, tested there; a
   from a request's first block (wrapped on the manager's own cache object);
 - `batch_processor.inputs_and_outputs.requests_in_batch`, the step's `FutureRequestState`s in the order of
   `cu_seq_lens_q` (`state.request_id`, `state.status`, `query_length`), read in the step;
-- forked requests (`num_return_sequences > 1`) named `f"{parent}__child#{i}"`;
+- forked requests (`num_return_sequences > 1`) named `f"{parent}__child#{i}"`; a request's `state.status` at
+  `RequestStatus.FINISHED` or above once it is done;
+- `ContinuousMixin.generate_batch`, run on a stand-in for the model, reads only its `generation_config` and
+  `continuous_batching_context_manager(...)`, and calls the manager's `add_requests(inputs=..., ...)`;
 - with any other attention name than flash's, sdpa's or `paged|eager`, the engine builds no mask, no CUDA graph and
   no decode fast path. Configurations that pad the step (CUDA graphs, compiled steps, async batching) are refused.
 """
