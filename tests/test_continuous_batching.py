@@ -22,7 +22,7 @@ def greedy(new: int = NEW, **kwargs) -> GenerationConfig:
 
 
 def engine(**kwargs) -> ContinuousBatchingConfig:
-    return ContinuousBatchingConfig(page_size=PAGE, num_blocks=96, max_batch_tokens=64, **kwargs)
+    return ContinuousBatchingConfig(**{"page_size": PAGE, "num_blocks": 96, "max_batch_tokens": 64, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,19 @@ def test_requests_join_while_others_run(adapter_dirs):
         manager.stop()
     for request_id, prompt, name in zip(ids, first + later, ["short", "long", "default", "long", "short"]):
         assert done[request_id].generated_tokens == alone(model, prompt, name, greedy(8)), request_id
+
+
+def test_requests_put_back_in_the_queue_when_the_cache_is_full_read_their_adapter(adapter_dirs):
+    """A cache too small for every request at once: the engine frees running requests' blocks and queues them again
+    (prompt and tokens so far prefilled anew), and prompts longer than a step's token budget are prefilled in chunks."""
+    model = served(adapter_dirs)
+    inputs = prompts([30, 22, 26, 18], seed=10)
+    names = ["long", "short", "default", "long"]
+    out = model.generate_batch(inputs, generation_config=greedy(10),
+                               continuous_batching_config=engine(num_blocks=10, max_batch_tokens=24),
+                               adapter_names=names)
+    for result, prompt, name in zip(out.values(), inputs, names):
+        assert result.error is None and result.generated_tokens == alone(model, prompt, name, greedy(10)), name
 
 
 def test_forked_requests_read_their_parent_adapter(adapter_dirs):

@@ -26,9 +26,11 @@ The engine's internals this relies on (transformers `SUPPORTED`, tested there; a
   complete_blocks)`, which hash the tokens they are given (`state.initial_tokens + state.generated_tokens`), chained
   from a request's first block (wrapped on the manager's own cache object);
 - `batch_processor.inputs_and_outputs.requests_in_batch`, the step's `FutureRequestState`s in the order of
-  `cu_seq_lens_q` (`state.request_id`, `state.status`, `query_length`), read in the step;
-- forked requests (`num_return_sequences > 1`) named `f"{parent}__child#{i}"`; a request's `state.status` at
-  `RequestStatus.FINISHED` or above once it is done;
+  `cu_seq_lens_q` (`state.request_id`, `query_length`), read in the step;
+- the manager's `output_router`, whose `deliver(output)` and `deliver_batch(outputs)` every output passes through
+  (wrapped on the manager's own router: a request is forgotten when its last output is delivered);
+- forked requests (`num_return_sequences > 1`) named `f"{parent}__child#{i}"`; a request queued again when the
+  cache is full keeps its id;
 - `ContinuousMixin.generate_batch`, run on a stand-in for the model, reads only its `generation_config` and
   `continuous_batching_context_manager(...)`, and calls the manager's `add_requests(inputs=..., ...)`;
 - with any other attention name than flash's, sdpa's or `paged|eager`, the engine builds no mask, no CUDA graph and
@@ -48,7 +50,7 @@ import transformers
 from packaging.specifiers import SpecifierSet
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching import ContinuousBatchingManager, ContinuousMixin, RequestStatus
+from transformers.generation.continuous_batching import ContinuousBatchingManager, ContinuousMixin
 
 from ..plan import PrefixPlan, stack_bank
 from .attention_interface import ATTENTION_NAME, EAGER_NAME
@@ -141,15 +143,22 @@ class _Adapters:
             first = tokens[0] + self._request(request_id).version.code * self.vocab
         return [first, *tokens[1:]] if first < _INT32 else None
 
-    def step(self, request_ids: list[str], finished: list[tuple[str, _Request]]) -> list[_Request]:
-        """The step's requests; those that `finished` or were cancelled are forgotten, but the step's own."""
+    def finished(self, request_ids: list[str]) -> None:
+        """Forget requests whose last output the engine is delivering."""
         with self.lock:
-            requests = [self._request(request_id) for request_id in request_ids]
+            for request_id in request_ids:
+                self._forget(request_id, self.requests.get(request_id))
+
+    def step(self, request_ids: list[str]) -> list[_Version]:
+        """The versions the step's requests read; cancelled requests out of the engine's steps are forgotten."""
+        with self.lock:
+            versions = [self._request(request_id).version for request_id in request_ids]
             running = set(request_ids)
-            for request_id, request in finished + [item for item in self.cancelled if item[0] not in running]:
-                self._forget(request_id, request)
+            for request_id, request in self.cancelled:
+                if request_id not in running:
+                    self._forget(request_id, request)
             self.cancelled = [item for item in self.cancelled if item[0] in running]
-            return requests
+            return versions
 
     def bank_rows(self) -> tuple[torch.Tensor, dict[int, int]]:
         """(`[L, 2, N, Hkv, P, D]` every version's table zero-padded to the longest P, code -> entry)."""
@@ -181,8 +190,8 @@ class _Adapters:
             self._forget(parent_id, parent)
         return request
 
-    def _forget(self, request_id: str, request: _Request) -> None:
-        if self.requests.get(request_id) is not request:
+    def _forget(self, request_id: str, request: _Request | None) -> None:
+        if request is None or self.requests.get(request_id) is not request:
             return  # gone already, or the id was added again
         if request.forks:
             request.finished = True  # its forks have yet to be seen
@@ -195,6 +204,23 @@ class _Adapters:
         read |= {version.code for _, version in self.current.values()}
         for code in [code for code in self.versions if code not in read]:
             del self.versions[code]
+
+
+def _forget_when_delivered(router, adapters: _Adapters) -> None:
+    """Forget each request as the engine delivers its last output (finished or failed), before the caller can see it
+    (and add its id again). `router` is the engine's `OutputRouter`, this manager's own: every output passes through
+    its `deliver` or `deliver_batch`."""
+    deliver, deliver_batch = router.deliver, router.deliver_batch
+
+    def deliver_one(output) -> None:
+        adapters.finished([output.request_id] if output.is_finished() else [])
+        deliver(output)
+
+    def deliver_many(outputs) -> None:
+        adapters.finished([output.request_id for output in outputs if output.is_finished()])
+        deliver_batch(outputs)
+
+    router.deliver, router.deliver_batch = deliver_one, deliver_many
 
 
 def _share_per_adapter(cache, adapters: _Adapters) -> None:
@@ -257,7 +283,6 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         self._adapters = _Adapters(model, forks)
         self._modes = _Modes(base)
         self._salted_cache = None
-        self._previous: list = []  # the last step's (request id, engine state, our request)
         self._ids = itertools.count()
         view = copy.copy(base)  # the same modules; its own forward, which adds each step's plan
         view.__dict__.pop("_compiled_call", None)
@@ -267,6 +292,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         try:
             super().__init__(view, generation_config, continuous_batching_config, workload_hints)
             _check_engine_config(self.continuous_batching_config)
+            _forget_when_delivered(self.output_router, self._adapters)
         finally:
             self._modes.restore()
 
@@ -290,11 +316,8 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         """One engine step: the base model's forward with the step's plan and positions shifted by each P."""
         self._prefix_model._check_usable()
         batch = self.batch_processor.inputs_and_outputs.requests_in_batch
-        finished = [(rid, request) for rid, state, request in self._previous if state.status >= RequestStatus.FINISHED]
-        requests = self._adapters.step([future.state.request_id for future in batch], finished)
-        self._previous = [(future.state.request_id, future.state, request) for future, request in zip(batch, requests)]
-        plan, offsets = self._plan([request.version for request in requests], [future.query_length for future in batch],
-                                   kwargs["input_ids"].device)
+        versions = self._adapters.step([future.state.request_id for future in batch])
+        plan, offsets = self._plan(versions, [future.query_length for future in batch], kwargs["input_ids"].device)
         kwargs["position_ids"] = kwargs["position_ids"] + offsets
         return forward(**kwargs, prefix_plan=plan)
 
@@ -388,7 +411,6 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         if not self.is_running():
             self._modes.restore()
             self._adapters.clear()
-            self._previous = []
 
 
 def _check_model(model) -> None:
