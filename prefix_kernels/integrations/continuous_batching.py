@@ -292,6 +292,8 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         try:
             super().__init__(view, generation_config, continuous_batching_config, workload_hints)
             _check_engine_config(self.continuous_batching_config)
+            if self.distributed_helper.tp_size > 1:  # other ranks receive requests the driver added, not ours
+                raise ValueError("model: tensor-parallel continuous batching with prefix adapters is not supported")
             _forget_when_delivered(self.output_router, self._adapters)
         finally:
             self._modes.restore()
