@@ -30,7 +30,7 @@ class PrefixPlan:
     `index` (int64 `[R]`, the bank entry of each row); with adapters of different lengths the bank is
     zero-padded to the longest and `lengths` (int64 `[R]`) marks each row's real prefix keys. `row_lengths` holds
     the same lengths as Python ints (the positions of real tokens start there, as in PEFT). R is the batch size,
-    or the number of packed sequences when `cu_seqlens` is set.
+    the number of packed sequences when `cu_seqlens` is set, or the step's requests when `paged` is.
     """
 
     kv: torch.Tensor
