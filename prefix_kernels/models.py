@@ -298,6 +298,31 @@ class PrefixModel(nn.Module):
             inputs["attention_mask"] = kwargs["attention_mask"]
         return inputs
 
+    def generate_batch(self, inputs: list[list[int]], generation_config=None, continuous_batching_config=None, *,
+                       adapter_names: list[str] | None = None, **kwargs):
+        """transformers' `generate_batch` (continuous batching: same arguments, same `{request id: GenerationOutput}`),
+        input i reading adapter `adapter_names[i]` (None: the active adapter for every input). Each request gives
+        what it gives alone through `generate()`; the paged cache never holds the prefix."""
+        from .integrations import continuous_batching
+
+        return continuous_batching.generate_batch(self, inputs, generation_config, continuous_batching_config,
+                                                  adapter_names=adapter_names, **kwargs)
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """transformers' `init_continuous_batching`: a manager (not started) whose `add_request(...,
+        adapter_name=...)` and `add_requests(..., adapter_names=[...])` give each request its adapter."""
+        from .integrations import continuous_batching
+
+        return continuous_batching.PrefixBatchingManager(self, generation_config, continuous_batching_config,
+                                                         workload_hints)
+
+    def continuous_batching_context_manager(self, generation_config=None, **kwargs):
+        """transformers' `continuous_batching_context_manager`: `with model.continuous_batching_context_manager() as
+        manager:` gives a started manager (as `init_continuous_batching`'s), stopped on exit."""
+        from .integrations import continuous_batching
+
+        return continuous_batching.context_manager(self, generation_config, **kwargs)
+
     def _generation_step(self, plan: PrefixPlan, **kwargs):
         """One forward of `generate` (hooks already run by the view): the call's plan, for this step's rows."""
         return self._call(self.base_model.forward, plan, kwargs, None)

@@ -30,7 +30,7 @@ class PrefixPlan:
     `index` (int64 `[R]`, the bank entry of each row); with adapters of different lengths the bank is
     zero-padded to the longest and `lengths` (int64 `[R]`) marks each row's real prefix keys. `row_lengths` holds
     the same lengths as Python ints (the positions of real tokens start there, as in PEFT). R is the batch size,
-    or the number of packed sequences when `cu_seqlens` is set.
+    the number of packed sequences when `cu_seqlens` is set, or the step's requests when `paged` is.
     """
 
     kv: torch.Tensor
@@ -43,6 +43,10 @@ class PrefixPlan:
     max_seqlen: int = 0
     # T5's relative position bias of the prefix keys, [1 or B, Hq, Sq, P], for the decoder's self-attention.
     prefix_position_bias: torch.Tensor | None = None
+    # One step of transformers' continuous batching: the rows are the step's requests packed in one row, each layer's
+    # queries their new tokens and its keys their cached and new ones, at the offsets the engine gives every layer
+    # (`cu_seq_lens_q` / `cu_seq_lens_k`, `max_length_q` / `max_length_k`).
+    paged: bool = False
 
     # Each table layer's (keys, values), `[(N,) Hkv, P, D]` views of `kv`, split once per plan rather than per layer.
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = dataclasses.field(init=False, repr=False, compare=False)
@@ -73,15 +77,19 @@ def single_plan(table: torch.Tensor, layout: PrefixLayout, length: int) -> Prefi
     return PrefixPlan(kv=table, layout=layout, row_lengths=(length,))
 
 
+def stack_bank(tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[L, 2, N, Hkv, P, D]`: the adapters' tables (each `[L, 2, Hkv, P_a, D]`) zero-padded to the longest P."""
+    longest = max(table.shape[3] for table in tables)
+    return torch.stack([nn.functional.pad(table, (0, 0, 0, longest - table.shape[3])) for table in tables], dim=2)
+
+
 def bank_plan(tables: dict[str, torch.Tensor], names: Sequence[str], layout: PrefixLayout,
               device: torch.device) -> PrefixPlan:
     """The plan of a call whose rows read the adapters `names` (one per row) from `tables` (name ->
     `[L, 2, Hkv, P_a, D]`): one bank, zero-padded to the longest P, read by index."""
     distinct = list(dict.fromkeys(names))
     row_lengths = tuple(tables[name].shape[3] for name in names)
-    longest = max(row_lengths)
-    bank = torch.stack([nn.functional.pad(tables[name], (0, 0, 0, longest - tables[name].shape[3]))
-                        for name in distinct], dim=2)
+    bank = stack_bank([tables[name] for name in distinct])
     index = torch.tensor([distinct.index(name) for name in names], device=device)
     lengths = None
     if len(set(row_lengths)) > 1:

@@ -19,7 +19,8 @@ SUITES = {"test_prefill_forward", "test_prefill_forward_backward", "test_decode"
           "test_prefill", "test_generate",  # bench/test_model.py
           "test_train_step", "test_train_throughput",  # bench/test_training.py
           "test_decode_busy_machine",  # bench/test_op_busy.py
-          "test_op_host_overhead", "test_generate_host_overhead"}  # bench/test_host_overhead.py
+          "test_op_host_overhead", "test_generate_host_overhead",  # bench/test_host_overhead.py
+          "test_serving"}  # bench/test_serving.py
 PUBLISHED = ("bench/cpu_results.md", "bench/cpu_results.png")  # tracked: rendered only when named
 
 
@@ -76,7 +77,8 @@ def test_render_writes_next_to_the_results(bench_run, clone):
                    timeout=120)
     table = results.with_suffix(".md").read_text()
     for row in ("| materialised |", "| peft_cache |", "| 16 adapters |", "| prefix_kernels packed |",
-                "| no_prefix packed |", "| prefix_kernels:torch busy |", "| prefix_bank |"):
+                "| no_prefix packed |", "| prefix_kernels:torch busy |", "| prefix_bank |",
+                "| prefix_kernels continuous |"):
         assert row in table, row
     assert results.with_suffix(".png").stat().st_size > 0
     for published in PUBLISHED:

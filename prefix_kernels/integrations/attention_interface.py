@@ -5,7 +5,8 @@ attention). Every attention layer then calls `prefix_attention_forward`:
 
 - inside a `PrefixModel` call the layer receives the call's `PrefixPlan` as the keyword argument `prefix_plan`
   (transformers passes forward's keyword arguments down to every attention call) and computes attention over
-  its prefix and the sequence with `prefix_attention`;
+  its prefix and the sequence with `prefix_attention`: a padded batch, packed sequences, or one step of
+  transformers' continuous batching (`continuous_batching.py`), whose layers receive the engine's varlen offsets;
 - outside one (the base model called directly, a PEFT model sharing it) it runs the implementation the model
   had before wrapping, SDPA or eager, on exactly the mask that implementation would have built, so the model
   computes what it computed before.
@@ -85,13 +86,14 @@ def prefix_attention_forward(
             rows = max(prefix_bias.shape[0], position_bias.shape[0])
             position_bias = torch.cat([prefix_bias.to(position_bias.dtype).expand(rows, -1, -1, -1),
                                        position_bias.expand(rows, -1, -1, -1)], dim=-1)
-    if prefix_plan.cu_seqlens is not None:  # packed sequences in a batch of one row: the varlen op
-        cu, longest = prefix_plan.cu_seqlens, prefix_plan.max_seqlen
+    packing = _packing(prefix_plan, kwargs)
+    if packing is not None:  # packed sequences in a batch of one row: the varlen op
+        cu_q, cu_k, longest_q, longest_k = packing
         out = prefix_attention(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
             causal=causal, scale=scaling, prefix_index=index, prefix_lengths=lengths, softcap=softcap,
-            window=sliding_window if causal else None, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-            max_seqlen_k=longest)
+            window=sliding_window if causal else None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=longest_q, max_seqlen_k=longest_k)
         return out[None], None
     if attention_mask is not None and attention_mask.dim() == 4:
         causal = False  # the 4-D mask holds the whole pattern
@@ -113,6 +115,17 @@ def _add_on_sequence_keys(bias: torch.Tensor | None, additive: torch.Tensor) -> 
     if not n_prefix:
         return sequence
     return torch.cat([bias[..., :n_prefix].expand(*sequence.shape[:-1], -1).to(sequence.dtype), sequence], dim=-1)
+
+
+def _packing(plan: PrefixPlan, kwargs: dict) -> tuple | None:
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a batch of one row holding several sequences, or
+    None. A step of continuous batching gives each layer its own: its queries are the requests' new tokens, its keys
+    their cached and new ones (a sliding-window layer reads fewer). Packed training sequences attend to themselves."""
+    if plan.paged:
+        return kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
+    if plan.cu_seqlens is not None:
+        return plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen
+    return None
 
 
 def _as_before(module, query, key, value, attention_mask, *, is_causal, **kwargs):
