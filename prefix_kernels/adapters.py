@@ -48,6 +48,23 @@ class SavedAdapter:
 
 def read_adapter(directory, model: PreTrainedModel, is_trainable: bool) -> SavedAdapter:
     """Read and check the adapter saved in `directory` for `model`; raise before anything is allocated."""
+    config, table, tensors = _read(directory, model.config, is_trainable)
+    return SavedAdapter(config, table, _check_heads(tensors, model, config))
+
+
+def read_prefix_table(directory, model_config) -> tuple[PrefixTuningConfig, torch.Tensor]:
+    """The config (resolved against `model_config`, a transformers config) and `prompt_embeddings` table of the
+    adapter saved in `directory`, for an engine that serves the prefix without the transformers model (vLLM). A
+    file carrying anything else (task-head weights) is refused: such an engine has no head to load it into."""
+    config, table, tensors = _read(directory, model_config, is_trainable=False)
+    if tensors:
+        raise ValueError(f"{WEIGHTS_NAME}: expected only {TABLE_KEY!r} in {os.fspath(directory)!r}, also found "
+                         f"{sorted(tensors)} (task-head weights cannot be served without the transformers model)")
+    return config, table
+
+
+def _read(directory, model_config, is_trainable: bool) -> tuple[PrefixTuningConfig, torch.Tensor, dict]:
+    """The checked config and table of the adapter in `directory`, and its other tensors (unchecked)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory: {directory!r} is not a directory")
@@ -59,7 +76,7 @@ def read_adapter(directory, model: PreTrainedModel, is_trainable: bool) -> Saved
     config = PrefixTuningConfig.from_pretrained(directory)
     config.inference_mode = not is_trainable
     try:
-        config = config.resolve(model.config)
+        config = config.resolve(model_config)
     except ModelMismatchError as e:
         raise ValueError(f"directory: the adapter in {directory!r} was trained for a different model ({e})") from None
     try:
@@ -70,7 +87,7 @@ def read_adapter(directory, model: PreTrainedModel, is_trainable: bool) -> Saved
         raise ValueError(f"{WEIGHTS_NAME}: expected a tensor named {TABLE_KEY!r}, found {sorted(tensors)}")
     table = tensors.pop(TABLE_KEY)
     check_table(table, config)
-    return SavedAdapter(config, table, _check_heads(tensors, model, config))
+    return config, table, tensors
 
 
 def check_table(table: torch.Tensor, config: PrefixTuningConfig) -> None:
