@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -211,8 +212,8 @@ def test_scheduler_hooks_never_raise(llm):
     init_none_hash(sha256)
     connector = integration.PrefixAdapterConnector(llm.llm_engine.vllm_config, KVConnectorRole.SCHEDULER, None)
 
-    def request(rid, adapter, prompt=(7, 8, 9), **kwargs):
-        return Request(rid, list(prompt), _params(adapter, **kwargs), None,
+    def request(rid, adapter, prompt=(7, 8, 9), cache_salt=None, **kwargs):
+        return Request(rid, list(prompt), _params(adapter, **kwargs), None, cache_salt=cache_salt,
                        block_hasher=get_request_block_hasher(BLOCK, sha256))
 
     served = request("a", "mid", prompt=range(4, 4 + 30))
@@ -224,6 +225,9 @@ def test_scheduler_hooks_never_raise(llm):
     assert connector.get_num_new_matched_tokens(served, 0) == (40, False)
     assert connector.get_num_new_matched_tokens(served, 32) == (8, False)
     assert connector.get_num_new_matched_tokens(served, 64) == (0, False)
+    salted = request("s", "short", cache_salt="tenant-7")
+    connector.on_new_request(salted)
+    assert salted.cache_salt == connector._adapters["short"].salt + "/tenant-7"  # the client's own isolation kept
     plain = request("b", None)
     connector.on_new_request(plain)
     assert plain.prompt_token_ids == [7, 8, 9] and connector.get_num_new_matched_tokens(plain, 0) == (0, False)
@@ -274,6 +278,26 @@ def _deficit(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     return logits.max(dim=-1).values - logits[torch.arange(len(tokens)), tokens]
 
 
+def test_salt_follows_the_adapter_content(llm, files, tmp_path):
+    """An adapter's salt is a digest of its table: the same content under another name or directory shares it (and
+    its cached blocks), one changed value gives another (a changed adapter never meets its old blocks)."""
+    from safetensors.torch import load_file, save_file
+
+    config = llm.llm_engine.vllm_config.model_config
+
+    def salt(directory, dtype=config.dtype, name="mid"):
+        return integration.read_served_adapter(name, str(directory), config.hf_config, dtype, MAX_LEN).salt
+
+    changed = tmp_path / "mid"
+    shutil.copytree(os.path.join(files, "mid"), changed)
+    assert salt(changed, name="other") == salt(os.path.join(files, "mid"))
+    tensors = load_file(changed / "adapter_model.safetensors")
+    tensors["prompt_embeddings"][3, 5] += 1e-3
+    save_file(tensors, changed / "adapter_model.safetensors")
+    assert salt(changed) != salt(os.path.join(files, "mid"))
+    assert salt(os.path.join(files, "mid"), torch.bfloat16) != salt(os.path.join(files, "mid"))
+
+
 def test_flags_command(files):
     """The command prints the server's flags, shell-quoted."""
     printed = subprocess.run([sys.executable, "-m", "prefix_kernels.integrations.vllm", "flags",
@@ -322,16 +346,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the flags the library prints; always
-    stopped."""
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the library's flags; always stopped."""
     port = _free_port()
-    printed = subprocess.run([sys.executable, "-m", "prefix_kernels.integrations.vllm", "flags",
-                              *(f"{n}={p}" for n, p in _adapters(files).items())],
-                             capture_output=True, text=True, check=True, timeout=120).stdout
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", os.path.join(files, "model"),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_LEN),
                "--block-size", str(BLOCK), "--enable-prefix-caching", "--enforce-eager", "--seed", "0",
-               "--kv-cache-memory-bytes", str(64 << 20), *shlex.split(printed)]
+               "--kv-cache-memory-bytes", str(64 << 20), *integration.prefix_adapters_flags(_adapters(files))]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

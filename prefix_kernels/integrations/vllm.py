@@ -140,12 +140,14 @@ def load_adapters(vllm_config: VllmConfig) -> dict[str, ServedAdapter]:
     if not isinstance(directories, dict) or not directories:
         raise ValueError(f"kv_connector_extra_config: expected {ADAPTERS_KEY!r}, a mapping of adapter name to "
                          f"directory, got {directories!r}")
-    model_config = vllm_config.model_config
-    return {check_adapter_name(name): _load(name, path, model_config.hf_config, model_config.dtype,
-                                            model_config.max_model_len) for name, path in directories.items()}
+    model = vllm_config.model_config
+    return {check_adapter_name(name): read_served_adapter(name, path, model.hf_config, model.dtype, model.max_model_len)
+            for name, path in directories.items()}
 
 
-def _load(name: str, directory: str, hf_config, dtype: torch.dtype, max_model_len: int) -> ServedAdapter:
+def read_served_adapter(name: str, directory: str, hf_config, dtype: torch.dtype, max_model_len: int) -> ServedAdapter:
+    """The adapter saved in `directory`, checked against the model (`hf_config`, its transformers config) and
+    `max_model_len`, its table `[L, 2, Hkv, P, D]` in `dtype` and its salt."""
     config, flat = read_prefix_table(directory, hf_config)
     if config.task_type not in (None, "CAUSAL_LM"):
         raise ValueError(f"adapters[{name!r}]: task_type {config.task_type!r}; vLLM serves CAUSAL_LM adapters")
@@ -423,10 +425,10 @@ def _check_engine(vllm_config: VllmConfig, kv_cache_config) -> None:
 
 
 def _check_layer(name: str, layer, index: int, num_layers: int, num_heads: int, head_dim: int) -> None:
-    impl = getattr(layer, "impl", None)
-    if not hasattr(impl, "do_kv_cache_update") or getattr(type(impl), "forward_includes_kv_cache_update", False):
-        raise ValueError(f"attention backend: {type(impl).__name__} ({name}) has no separate cache write; prefix "
-                         "adapters need one (CPU_ATTN, FLASH_ATTN, FLASHINFER, TRITON_ATTN)")
+    backend = getattr(layer, "attn_backend", None)
+    if backend is None or backend.forward_includes_kv_cache_update or not hasattr(layer.impl, "do_kv_cache_update"):
+        raise ValueError(f"attention backend: {getattr(backend, '__name__', backend)} ({name}) has no separate cache "
+                         "write; prefix adapters need one (CPU_ATTN; untested: FLASH_ATTN, FLASHINFER, TRITON_ATTN)")
     if not 0 <= index < num_layers or (layer.num_kv_heads, layer.head_size) != (num_heads, head_dim):
         raise ValueError(f"model: layer {name} (index {index}, {layer.num_kv_heads} KV heads of {layer.head_size}) "
                          f"does not match the adapters' {num_layers} layers of {num_heads} KV heads of {head_dim} "
