@@ -351,7 +351,8 @@ def server(files, tmp_path_factory):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", os.path.join(files, "model"),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_LEN),
                "--block-size", str(BLOCK), "--enable-prefix-caching", "--enforce-eager", "--seed", "0",
-               "--kv-cache-memory-bytes", str(64 << 20), *integration.prefix_adapters_flags(_adapters(files))]
+               "--kv-cache-memory-bytes", str(64 << 20), "--enable-prompt-tokens-details",
+               *integration.prefix_adapters_flags(_adapters(files))]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -387,8 +388,8 @@ def _completion(url: str, prompt, adapter: str | None, **kwargs) -> tuple[int, d
 
 def test_server(server, files, reference):
     """Concurrent mixed requests through the OpenAI API, the adapter in vllm_xargs: each gives PrefixModel.generate's
-    tokens of that request alone; usage counts the plain prompt; refusals are HTTP 400 naming the field; the server
-    keeps serving."""
+    tokens of that request alone; usage counts the plain prompt (its cached tokens count the placeholders); refusals
+    are HTTP 400 naming the field; the server keeps serving."""
     model = json.load(urllib.request.urlopen(server + "/v1/models", timeout=30))["data"][0]["id"]
     cases = [(p, a) for p in PROMPTS for a in (None, *ADAPTERS)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -399,6 +400,8 @@ def test_server(server, files, reference):
         choice = reply["choices"][0]
         assert choice["token_ids"] == reference.tokens(prompt, adapter), (prompt, adapter)
         assert reply["usage"]["prompt_tokens"] == len(tokenizer(prompt).input_ids)
+        if adapter is not None:  # the placeholders count as cached
+            assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= ADAPTERS[adapter]
     for kwargs, field in [({}, "prefix_adapter"), ({"prompt_logprobs": 1}, "prompt_logprobs")]:
         status, reply = _completion(server, "abc", "nope" if not kwargs else "long", model=model, **kwargs)
         assert status == 400 and field in json.dumps(reply), reply
