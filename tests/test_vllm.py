@@ -317,6 +317,29 @@ def test_kv_cache_dtype_and_config_refused():
         integration.prefix_adapters_config({"a": "/nonexistent"})
 
 
+def test_engine_configurations_refused_at_start(llm):
+    """What the prefix cannot be served in is refused when the engine starts, naming the setting."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    config = llm.llm_engine.vllm_config
+    spec = dict(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
+
+    def groups(*specs):
+        return types.SimpleNamespace(kv_cache_groups=[types.SimpleNamespace(kv_cache_spec=s) for s in specs])
+
+    integration._check_engine(config, groups(FullAttentionSpec(**spec)))
+    for kv_cache_config in (groups(SlidingWindowSpec(**spec, sliding_window=64)),
+                            groups(FullAttentionSpec(**spec, sliding_window=64)),
+                            groups(FullAttentionSpec(**spec), FullAttentionSpec(**spec))):
+        with pytest.raises(ValueError, match="^model: .*full attention"):
+            integration._check_engine(config, kv_cache_config)
+    for name, value, field in [("cache_config", types.SimpleNamespace(cache_dtype="fp8"), "kv_cache_dtype"),
+                               ("speculative_config", object(), "speculative_config")]:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            integration._check_engine(types.SimpleNamespace(**{**vars(config), name: value}),
+                                      groups(FullAttentionSpec(**spec)))
+
+
 @pytest.mark.parametrize("tp_size, expected", [(1, [(0, 4)]), (2, [(0, 2), (2, 4)]), (4, [(0, 1), (1, 2), (2, 3),
                                                                                           (3, 4)]),
                                                (8, [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3), (3, 4), (3, 4)])])
