@@ -188,6 +188,35 @@ def test_refusals_before_the_engine(llm, reference):
                                                                 use_tqdm=False)][0] == reference.tokens("abc", "long")
 
 
+def test_engine_aborts_what_gets_past_the_frontend(llm, reference, monkeypatch):
+    """Requests sent past the frontend's check are aborted by the engine core (no output reaches their client), which
+    keeps serving the others."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    monkeypatch.setattr(InputProcessor, "process_inputs", InputProcessor.process_inputs.__wrapped__)
+    engine = llm.llm_engine
+    too_long = "x" * (MAX_LEN - ADAPTERS["long"] + 1)
+    for request_id, prompt, params in [("too long", too_long, _params("long")),
+                                       ("prompt logprobs", "abc", _params("long", prompt_logprobs=1)),
+                                       ("served", "abc", _params("mid"))]:
+        engine.add_request(request_id, prompt, params)
+    finished = {}
+    for _ in range(100):
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+        if "served" in finished:
+            break
+    engine.abort_request(["too long", "prompt logprobs"])
+    assert set(finished) == {"served"}
+    assert list(finished["served"].outputs[0].token_ids) == reference.tokens("abc", "mid")
+
+
+def test_engine_needs_the_plugin(llm, monkeypatch):
+    """An engine whose frontend would not check requests (the plugin left out of VLLM_PLUGINS) does not start."""
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    with pytest.raises(ValueError, match="^VLLM_PLUGINS: "):
+        integration._check_engine(llm.llm_engine.vllm_config, None)
+
+
 def test_refusal_of_unsupported_inputs(llm):
     """Inputs the placeholders cannot go in front of: prompt embeddings, multimodal inputs, streaming input."""
     adapters = integration.load_adapters(llm.llm_engine.vllm_config)

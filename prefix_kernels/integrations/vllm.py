@@ -62,6 +62,7 @@ if vllm.__version__ != TESTED_VLLM:
     logger.warning("prefix adapters: tested with vLLM %s, running on %s (the engine core's request and the "
                    "frontend's input processor are touched here)", TESTED_VLLM, vllm.__version__)
 
+MODULE = "prefix_kernels.integrations.vllm"  # not __name__: also run as __main__
 ADAPTER_KEY = "prefix_adapter"  # the request's SamplingParams.extra_args / vllm_xargs key
 CONNECTOR = "PrefixAdapterConnector"
 ADAPTERS_KEY = "prefix_adapters"  # kv_connector_extra_config: {name: adapter directory}
@@ -86,7 +87,7 @@ def prefix_adapters_config(adapters: Mapping[str, str | os.PathLike], **options)
     check_kv_cache_dtype(options.get("kv_cache_dtype", "auto"))
     return {**options, "kv_transfer_config": {
         "kv_connector": CONNECTOR,
-        "kv_connector_module_path": "prefix_kernels.integrations.vllm",  # not __name__: also run as __main__
+        "kv_connector_module_path": MODULE,
         "kv_role": "kv_consumer",
         "kv_load_failure_policy": "fail",  # a failed write fails its request; recomputing would cache placeholders
         "kv_connector_extra_config": {ADAPTERS_KEY: _adapter_dirs(adapters)},
@@ -306,6 +307,9 @@ class PrefixAdapterConnector(KVConnectorBase_V1):
     # ---- scheduler side ----
 
     def on_new_request(self, request) -> None:
+        """Requests reach this hook checked by the frontend (`register`); one refused here anyway (sent to the engine
+        core past vLLM's input processor) is aborted, without an output to its client, rather than served wrong or
+        let stop the engine."""
         try:
             refused = refusal(self._adapters, request, self._max_model_len)
             if refused is not None:
@@ -409,7 +413,17 @@ class PrefixAdapterConnector(KVConnectorBase_V1):
 
 
 def _check_engine(vllm_config: VllmConfig, kv_cache_config) -> None:
-    """Refuse, when the engine starts, a configuration the prefix cannot be served in."""
+    """Refuse, when the engine starts, a configuration the prefix cannot be served in, or whose frontend would not
+    check requests (the plugin missing or left out of VLLM_PLUGINS)."""
+    from importlib.metadata import entry_points
+
+    from vllm import envs
+
+    plugins = [ep.name for ep in entry_points(group="vllm.general_plugins") if ep.value == f"{MODULE}:register"]
+    if not plugins or (envs.VLLM_PLUGINS is not None and plugins[0] not in envs.VLLM_PLUGINS):
+        raise ValueError(f"VLLM_PLUGINS: prefix adapters need the vllm.general_plugins entry point {MODULE}:register "
+                         f"installed (pip install this package) and loaded (found {plugins}, VLLM_PLUGINS="
+                         f"{envs.VLLM_PLUGINS}): it refuses, in the frontend, requests that would corrupt the cache")
     model_config = vllm_config.model_config
     check_kv_cache_dtype(vllm_config.cache_config.cache_dtype)
     if model_config.is_encoder_decoder:
