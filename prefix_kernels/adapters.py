@@ -51,6 +51,24 @@ class SavedAdapter:
 
 def read_adapter(directory, model: PreTrainedModel, is_trainable: bool) -> SavedAdapter:
     """Read and check the adapter saved in `directory` for `model`; raise before anything is allocated."""
+    config, path = _read_config(directory, model.config, is_trainable)
+    _check_projection(config, model)
+    table, heads = _read_tensors(path, dict(model.named_parameters()), config)
+    return SavedAdapter(config, table, heads)
+
+
+def read_prefix_table(directory, model_config) -> tuple[PrefixTuningConfig, torch.Tensor]:
+    """The config (resolved against `model_config`, a transformers config) and `prompt_embeddings` table of the
+    adapter saved in `directory`, for an engine that serves the prefix without the transformers model (vLLM), with
+    the same checks. A file carrying anything else (task-head weights) is refused: such an engine has no head to load
+    it into. No projection MLP is ever built from the file, so `encoder_hidden_size` sizes nothing here."""
+    config, path = _read_config(directory, model_config, is_trainable=False)
+    table, _ = _read_tensors(path, {}, config)
+    return config, table
+
+
+def _read_config(directory, model_config, is_trainable: bool) -> tuple[PrefixTuningConfig, str]:
+    """The adapter config in `directory`, resolved against `model_config`, and the path of its weights file."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"directory: {directory!r} is not a directory")
@@ -63,12 +81,10 @@ def read_adapter(directory, model: PreTrainedModel, is_trainable: bool) -> Saved
     config = PrefixTuningConfig.from_pretrained(directory)
     config.inference_mode = not is_trainable
     try:
-        config = config.resolve(model.config)
+        config = config.resolve(model_config)
     except ModelMismatchError as e:
         raise ValueError(f"directory: the adapter in {directory!r} was trained for a different model ({e})") from None
-    _check_projection(config, model)
-    table, heads = _read_tensors(path, model, config)
-    return SavedAdapter(config, table, heads)
+    return config, path
 
 
 def _check_projection(config: PrefixTuningConfig, model: PreTrainedModel) -> None:
@@ -82,14 +98,14 @@ def _check_projection(config: PrefixTuningConfig, model: PreTrainedModel) -> Non
                          f"({budget:,d} parameters); expected at most {largest}")
 
 
-def _read_tensors(path: str, model: PreTrainedModel,
+def _read_tensors(path: str, params: dict[str, torch.Tensor],
                   config: PrefixTuningConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The table and the task-head weights (by parameter name) of the safetensors file at `path`. Every shape is
-    checked against the model from the file's header before any tensor is read; then dtypes and values."""
+    """The table and the task-head weights (by parameter name, among the model's `params`) of the safetensors file at
+    `path`. Every shape is checked from the file's header before any tensor is read; then dtypes and values."""
     try:
         with safe_open(path, framework="pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            _check_shapes(shapes, dict(model.named_parameters()), config)
+            _check_shapes(shapes, params, config)
             tensors = {key: f.get_tensor(key) for key in shapes}
     except SafetensorError as e:  # a truncated or corrupt file
         raise ValueError(f"{WEIGHTS_NAME}: cannot be read as safetensors ({e})") from None

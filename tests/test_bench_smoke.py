@@ -35,7 +35,7 @@ def readme_command(marker: str) -> list[str]:
 
 def fresh_clone(destination: Path) -> Path:
     """The tree's sources copied to `destination`, without what a fresh clone lacks (results, caches, venvs)."""
-    ignored = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis",
+    ignored = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis",
                                      "*.egg-info", "build", "dist", "results")
     shutil.copytree(ROOT, destination, ignore=ignored)
     assert not (destination / "bench" / "results").exists()
