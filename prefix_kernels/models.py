@@ -26,7 +26,7 @@ from .adapters import adapter_dir, check_adapter_name, read_adapter, write_adapt
 from .config import TASK_HEADS, ModelMismatchError, PrefixTuningConfig
 from .encoder import PrefixEncoder
 from .integrations.attention_interface import ATTENTION_NAME, EAGER_NAME, register
-from .plan import Packing, Positions, PrefixPlan, bank_plan, find_packing, single_plan
+from .plan import Packing, Positions, PrefixPlan, ServedBank, bank_plan, find_packing, single_plan
 from .quirks import PrefixLayout
 
 # `disable_adapter()`: the wrappers disabled in this thread / context, and how many blocks are open anywhere. The
@@ -253,6 +253,12 @@ class PrefixModel(nn.Module):
             kwargs = _keywords(self._signature, args, kwargs)
         if self._adapter_disabled():
             return self.base_model(**kwargs)
+        prepare = self._prepare if adapter_names is None else self._prepare_mixed
+        plan, kwargs = prepare(kwargs, adapter_names)
+        return self._run(self.base_model, plan, kwargs)
+
+    def _prepare(self, kwargs: dict, adapter_names) -> tuple[PrefixPlan, dict]:
+        """A forward's plan and the base model's keyword arguments (positions shifted, the plan in `prefix_plan`)."""
         packing = find_packing(kwargs, self.base_model.config.is_encoder_decoder)
         rows = _batch_rows(kwargs)
         names = self._names(adapter_names)
@@ -263,7 +269,12 @@ class PrefixModel(nn.Module):
             rows = packing.sequences
         plan = self._plan(names, rows, "one name per batch row" if packing is None else
                           "one name per batch row or per packed sequence")
-        return self._call(self.base_model, plan, kwargs, packing)
+        return self._arguments(plan, kwargs, packing)
+
+    # A mixed batch's names are Python strings, which torch.compile would bake into its graph (one graph per
+    # composition): its plan is built outside compiled code, so the composition reaches it as tensors (bank index,
+    # lengths, positions) and the model's layers compile once for every composition.
+    _prepare_mixed = torch.compiler.disable(_prepare)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's `generate()`, with the prefix read at every step (per input row with `adapter_names`,
@@ -281,10 +292,7 @@ class PrefixModel(nn.Module):
                 # generate() calls the encoder on its own: run it here, with the prefix, and hand over its outputs
                 kwargs["encoder_outputs"] = self._call(self.base_model.get_encoder(), plan,
                                                        self._encoder_inputs(prompt, kwargs), None)
-        view = copy.copy(self.base_model)  # the same modules and hooks; its own forward, for this call only
-        view.__dict__.pop("_compiled_call", None)
-        view.forward = functools.partial(self._generation_step, plan)
-        view.forward.__signature__ = self._signature
+        view = forward_view(self.base_model, functools.partial(self._generation_step, plan), self._signature)
         return view.generate(*args, **kwargs)
 
     @staticmethod
@@ -328,8 +336,12 @@ class PrefixModel(nn.Module):
         return self._call(self.base_model.forward, plan, kwargs, None)
 
     def _call(self, call, plan: PrefixPlan, kwargs: dict, packing: Packing | None):
-        """Run `call` (the base model, its forward, or its encoder) with `plan` for this forward's rows: positions
-        shifted by P, packed sequences marked, the plan in `prefix_plan`."""
+        """Run `call` (the base model, its forward, or its encoder) with `plan` for this forward's rows."""
+        return self._run(call, *self._arguments(plan, kwargs, packing))
+
+    def _arguments(self, plan: PrefixPlan, kwargs: dict, packing: Packing | None) -> tuple[PrefixPlan, dict]:
+        """`plan` for this forward's rows, and the keyword arguments with positions shifted by P, packed sequences
+        marked and the plan in `prefix_plan`."""
         kwargs = dict(kwargs)
         if packing is None:
             plan = plan.for_rows(_batch_rows(kwargs))
@@ -343,6 +355,10 @@ class PrefixModel(nn.Module):
         if self._t5_bias is not None:
             plan = dataclasses.replace(plan, prefix_position_bias=self._t5_bias.for_rows(plan.row_lengths))
         kwargs["prefix_plan"] = plan
+        return plan, kwargs
+
+    def _run(self, call, plan: PrefixPlan, kwargs: dict):
+        """`call(**kwargs)` (the plan among them), with what must hold while it runs."""
         if self._decoder_positions is None:
             out = call(**kwargs)
         elif not plan.uniform:
@@ -380,10 +396,30 @@ class PrefixModel(nn.Module):
                                encoder.num_virtual_tokens)
         if len(names) != rows:
             raise ValueError(f"adapter_names: expected {expected} ({rows}), got {len(names)} names")
-        tables = {name: self._layout.whole_gradient(self.prefix_encoders[name]()).to(dtype)
-                  for name in dict.fromkeys(names)}
-        device = next(iter(tables.values())).device
-        return bank_plan(tables, names, self._layout, device)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.prefix_encoders.parameters()):
+            # training: a bank of the call's adapters only, so no other adapter is handed a gradient
+            tables = {name: self._layout.whole_gradient(self.prefix_encoders[name]()).to(dtype)
+                      for name in dict.fromkeys(names)}
+            return bank_plan(tables, names, self._layout, next(iter(tables.values())).device)
+        return self._served_bank(dtype).plan(names, self._layout)
+
+    def _served_bank(self, dtype: torch.dtype) -> ServedBank:
+        """Every loaded adapter's table in one bank, in `dtype`, kept until an adapter is added, deleted, moved or
+        changed: inference calls then build no bank, and a bank's shape depends only on the adapters loaded, never
+        on a call's composition. It holds what the adapters hold; nothing of a call.
+
+        A change is seen through PyTorch's version counter (optimizer steps, `load_state_dict`, in-place edits under
+        `torch.no_grad()`) and the parameters' storage; an in-place write through `.data` bypasses the counter and
+        is not seen."""
+        key = (dtype, tuple((name, id(encoder), tuple((p.data_ptr(), p._version) for p in encoder.parameters()))
+                            for name, encoder in self.prefix_encoders.items()))
+        bank = self.__dict__.get("_bank")
+        if bank is None or bank.key != key:
+            with torch.no_grad():
+                tables = {name: encoder().to(dtype) for name, encoder in self.prefix_encoders.items()}
+            bank = ServedBank.of(tables, key)
+            self.__dict__["_bank"] = bank
+        return bank
 
     # ---- adapters -----------------------------------------------------------------------------------------------
 
@@ -585,6 +621,18 @@ class PrefixModel(nn.Module):
         """PEFT's and older transformers' name for `activation_checkpointing_enable`."""
         options = _non_reentrant("gradient_checkpointing_kwargs", gradient_checkpointing_kwargs)
         self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+
+def forward_view(model: PreTrainedModel, forward, signature: inspect.Signature) -> PreTrainedModel:
+    """A shallow copy of `model` (the same modules, hooks and config) whose calls run `forward`, for one call or one
+    engine: neither transformers' compiled forward nor a `Module.compile` of the original is carried over (both
+    would run the original's forward, without the plan)."""
+    view = copy.copy(model)
+    view.__dict__.pop("_compiled_call", None)
+    view._compiled_call_impl = None
+    view.forward = forward
+    view.forward.__signature__ = signature
+    return view
 
 
 def _distributed(tensors) -> bool:

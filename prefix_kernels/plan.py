@@ -99,6 +99,32 @@ def bank_plan(tables: dict[str, torch.Tensor], names: Sequence[str], layout: Pre
 
 
 @dataclass(frozen=True)
+class ServedBank:
+    """Every loaded adapter's table in one bank `[L, 2, N, Hkv, P, D]` (zero-padded to the longest P), for calls
+    that train nothing: `key` says which adapters and parameter versions it holds."""
+
+    kv: torch.Tensor
+    entries: dict[str, int]  # adapter name -> bank entry
+    entry_lengths: tuple[int, ...]  # each entry's P
+    key: tuple
+
+    @classmethod
+    def of(cls, tables: dict[str, torch.Tensor], key: tuple) -> "ServedBank":
+        return cls(stack_bank(list(tables.values())), {name: i for i, name in enumerate(tables)},
+                   tuple(table.shape[3] for table in tables.values()), key)
+
+    def plan(self, names: Sequence[str], layout: PrefixLayout) -> PrefixPlan:
+        """The plan of a call whose rows read `names`: the whole bank, read by index. Its shapes, and whether it
+        carries per-row lengths, depend on the loaded adapters only, not on which ones the call names."""
+        entries = [self.entries[name] for name in names]
+        row_lengths = tuple(self.entry_lengths[i] for i in entries)
+        device = self.kv.device
+        lengths = None if len(set(self.entry_lengths)) == 1 else torch.tensor(row_lengths, device=device)
+        return PrefixPlan(kv=self.kv, layout=layout, row_lengths=row_lengths if lengths is not None
+                          else row_lengths[:1], index=torch.tensor(entries, device=device), lengths=lengths)
+
+
+@dataclass(frozen=True)
 class Packing:
     """One row holding several sequences back to back: their offsets (int32 `[N + 1]`), the longest, and their
     lengths as Python ints."""
@@ -188,8 +214,9 @@ class Positions:
 
     @staticmethod
     def offsets(plan: PrefixPlan, packing: Packing | None) -> int | torch.Tensor:
-        """Where real tokens start: P, `[B, 1]` per row, or `[1, T]` per packed token."""
-        if plan.uniform:
+        """Where real tokens start: P, `[B, 1]` per row, or `[1, T]` per packed token (per row whenever the plan has
+        per-row lengths, so the positions' shape does not depend on which adapters a call names)."""
+        if plan.lengths is None:
             return plan.row_lengths[0]
         if packing is None:
             return plan.lengths[:, None]

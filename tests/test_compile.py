@@ -80,7 +80,14 @@ def test_fullgraph_static_cache_decode_of_a_mixed_batch():
                 logits.append(out.logits)
         return torch.cat(logits, dim=1)
 
-    torch.testing.assert_close(decode(torch.compile(model, fullgraph=True)), decode(model), rtol=0, atol=1e-6)
+    eager = decode(model)
+    # A mixed batch's plan is built outside compiled code (its names would otherwise be baked into the graph), so
+    # fullgraph=True goes on the base model, which receives the plan as tensors.
+    model.get_base_model().compile(fullgraph=True)
+    try:
+        torch.testing.assert_close(decode(model), eager, rtol=0, atol=1e-6)
+    finally:
+        model.get_base_model()._compiled_call_impl = None
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -135,3 +142,45 @@ def test_the_layers_of_a_mixed_adapter_decode_step_never_wait_for_the_gpu():
                     hook.remove()
                 torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.logits).all()
+
+
+def test_compiled_model_compiles_once_for_every_adapter_composition():
+    """Under torch.compile(model), a mixed batch's adapter names reach compiled code as tensors (bank index,
+    lengths, positions): six compositions of three adapters of different lengths compile one set of graphs, and
+    each equals eager."""
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    for name, length in (("short", 2), ("long", 9)):
+        model._add_adapter(name, PrefixTuningConfig(num_virtual_tokens=length).resolve(model.config))
+    graphs = []
+
+    def count(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(model, backend=count)
+    ids = torch.randint(3, VOCAB, (3, 6))
+    compositions = [["default", "short", "long"], ["long", "long", "short"], ["short", "default", "default"],
+                    ["default", "default", "default"], ["long", "short", "default"], ["short", "short", "short"]]
+    with torch.no_grad():
+        for i, names in enumerate(compositions):
+            out = compiled(input_ids=ids, adapter_names=names).logits
+            torch.testing.assert_close(out, model(input_ids=ids, adapter_names=names).logits, rtol=0, atol=1e-6)
+            if i == 0:
+                first = len(graphs)
+    assert first > 0 and len(graphs) == first, f"{len(graphs) - first} graphs compiled after the first composition"
+
+
+def test_generate_on_a_base_model_compiled_in_place_keeps_the_prefix():
+    """`Module.compile()` of the base model compiles its original forward; generate() and mixed batches still read
+    the prefix (the per-call view does not inherit the compiled call)."""
+    model = get_prefix_model(tiny_decoder("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model.prefix_encoders["default"].embedding.weight.data.normal_()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    expected = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    model.get_base_model().compile(backend="eager")
+    try:
+        torch.testing.assert_close(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False), expected)
+    finally:
+        model.get_base_model()._compiled_call_impl = None
+    base_tokens = tiny_decoder("llama").generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert not torch.equal(expected, base_tokens)

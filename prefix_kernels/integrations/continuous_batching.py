@@ -52,6 +52,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import ContinuousBatchingManager, ContinuousMixin
 
+from ..models import forward_view
 from ..plan import PrefixPlan, stack_bank
 from .attention_interface import ATTENTION_NAME, EAGER_NAME
 
@@ -284,10 +285,7 @@ class PrefixBatchingManager(ContinuousBatchingManager):
         self._modes = _Modes(base)
         self._salted_cache = None
         self._ids = itertools.count()
-        view = copy.copy(base)  # the same modules; its own forward, which adds each step's plan
-        view.__dict__.pop("_compiled_call", None)
-        view.forward = functools.partial(self._step, base.forward)
-        view.forward.__signature__ = model._signature
+        view = forward_view(base, functools.partial(self._step, base.forward), model._signature)  # adds each plan
         self._modes.eval()
         try:
             super().__init__(view, generation_config, continuous_batching_config, workload_hints)
