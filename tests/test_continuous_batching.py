@@ -185,9 +185,10 @@ def test_mqa_and_learned_positions_equal_each_request_alone(family):
     """Mistral with one KV head; GPT-2, whose learned positions the prefix's P come first in."""
     model = get_prefix_model(tiny_decoder(family), PrefixTuningConfig(num_virtual_tokens=4))
     inputs = prompts([5, 16], seed=9)
-    out = model.generate_batch(inputs, generation_config=greedy(), continuous_batching_config=engine())
+    out = model.generate_batch(inputs, generation_config=greedy(max_new_tokens=12),
+                               continuous_batching_config=engine())
     for result, prompt in zip(out.values(), inputs):
-        assert result.generated_tokens == alone(model, prompt, None, greedy())
+        assert result.generated_tokens == alone(model, prompt, None, greedy(max_new_tokens=12))
     if family == "gpt2":  # 128 positions: 4 for the prefix, 120 for the prompt, none left to generate
         manager = model.init_continuous_batching(generation_config=greedy(), continuous_batching_config=engine())
         with pytest.raises(ValueError, match=r"^input_ids: 120 tokens and max_new_tokens=5 exceed gpt2's learned "
@@ -221,11 +222,21 @@ def test_gemma2_soft_cap_and_layer_types_equal_each_request_alone(gemma2):
         assert result.generated_tokens == alone(gemma2, prompt, name, greedy()), name
 
 
-def test_a_request_the_sliding_window_would_cut_is_refused(gemma2):
-    manager = gemma2.init_continuous_batching(generation_config=greedy(), continuous_batching_config=engine())
-    with pytest.raises(ValueError, match=r"^input_ids: 45 tokens and max_new_tokens=5 exceed gemma2's sliding window "
-                                         r"\(48 tokens"):
-        manager.add_request(prompts([45])[0], adapter_name="long")
+def test_requests_longer_than_the_sliding_window_equal_each_request_alone():
+    """The window bites (a window of 2 tokens, prompts of 30 and 45): each request's sliding layers see only the
+    window of its own keys, and every prefix key."""
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=2,
+                          attn_logit_softcapping=20.0, final_logit_softcapping=None, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    model = get_prefix_model(Gemma2ForCausalLM(config).eval(), PrefixTuningConfig(num_virtual_tokens=3))
+    model.prefix_encoders["default"].embedding.weight.data.normal_()
+    inputs = prompts([30, 45, 9])
+    out = model.generate_batch(inputs, generation_config=greedy(max_new_tokens=12),
+                               continuous_batching_config=engine())
+    for result, prompt in zip(out.values(), inputs):
+        assert result.generated_tokens == alone(model, prompt, None, greedy(max_new_tokens=12))
 
 
 def test_bad_requests_are_refused_by_name_and_the_engine_keeps_serving(adapter_dirs):

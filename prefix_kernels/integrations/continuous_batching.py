@@ -432,14 +432,9 @@ def _check_engine_config(config: ContinuousBatchingConfig) -> None:
 
 
 def _length_limit(model, prefix_length: int) -> tuple[int | None, str]:
-    """(the most tokens a request may hold, in words why), or (None, "") for no limit: a sliding window, which
-    a packed step does not apply inside itself (so it must never bite), or a table of learned positions, whose first
-    P the prefix takes."""
+    """(the most tokens a request may hold, in words why), or (None, "") for no limit: a table of learned positions,
+    whose first P the prefix takes. (A sliding window is applied per request inside the step.)"""
     config = model.base_model.config.get_text_config()
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is not None and (layer_types is None or "sliding_attention" in layer_types):
-        return window, f"{config.model_type}'s sliding window"
     if model._positions.limit is not None:
         return model._positions.limit - prefix_length, f"{config.model_type}'s learned positions after a prefix of " \
                                                        f"{prefix_length}"
