@@ -27,10 +27,11 @@ import copy
 import tempfile
 
 import pytest
+import serving_workload as vllm_workload
 import torch
 from measure import DEVICE, DTYPE, SIZE, interleaved, measure, record_interleaved
 from models import SHAPES, generate_peft_cache, llama
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LlamaForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from prefix_kernels import PrefixModel, PrefixTuningConfig, get_prefix_model
@@ -157,3 +158,39 @@ def test_serving(benchmark, calls, together, provider):
         benchmark.extra_info["reference"] = "no_prefix continuous"
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = sum(new for _, _, new in workload()) / median
+
+
+@pytest.fixture(scope="module")
+def vllm_workload_calls(tmp_path_factory) -> dict:
+    """provider -> serving the vLLM benchmark's workload once (`serving_workload`): the same model, adapters and
+    requests as `test_vllm.py`, every request at once, `NEW` tokens each."""
+    root = tmp_path_factory.mktemp("vllm_workload")
+    vllm_workload.write_model(root)
+    base = LlamaForCausalLM.from_pretrained(root / "model").to(DEVICE, DTYPE).eval()
+    names = list(vllm_workload.ADAPTERS)
+    ours = PrefixModel.from_pretrained(copy.deepcopy(base), root / names[0], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        ours.load_adapter(root / name, adapter_name=name)
+    mixed = vllm_workload.Workload.mixed()
+    requests = [(prompt, name, vllm_workload.NEW) for prompt, name in zip(mixed.prompts, mixed.adapters)]
+    return {"prefix_kernels continuous": torch.no_grad()(lambda: continuous(ours, requests, named=True)),
+            "no_prefix continuous": torch.no_grad()(lambda: continuous(base, requests, named=False))}
+
+
+@pytest.fixture(scope="module")
+def vllm_workload_together(request, vllm_workload_calls):
+    return interleaved(request, vllm_workload_calls, ROUNDS, WARMUP)
+
+
+@pytest.mark.parametrize("provider", ["prefix_kernels continuous", "no_prefix continuous"])
+def test_serving_vllm_workload(benchmark, vllm_workload_calls, vllm_workload_together, provider):
+    """The requests `bench/test_vllm.py` serves in vLLM, served here by transformers' engine: tokens/s to set beside
+    vLLM's (from its own run and environment)."""
+    w = vllm_workload
+    group = (f"model serving vLLM's workload {w.MODEL} {w.DTYPE} requests={w.REQUESTS} "
+             f"prompt={w.PROMPT[0]}..{w.PROMPT[1]} new={w.NEW} adapters P={sorted(w.ADAPTERS.values())}")
+    median = measure(benchmark, vllm_workload_calls[provider], group=group, provider=provider,
+                     baseline="no_prefix continuous", rounds=ROUNDS, warmup=WARMUP)
+    record_interleaved(benchmark, provider, vllm_workload_together)
+    if median is not None:
+        benchmark.extra_info["tokens_per_s"] = w.REQUESTS * w.NEW / median

@@ -20,7 +20,7 @@ SUITES = {"test_prefill_forward", "test_prefill_forward_backward", "test_decode"
           "test_train_step", "test_train_throughput",  # bench/test_training.py
           "test_decode_busy_machine",  # bench/test_op_busy.py
           "test_op_host_overhead", "test_generate_host_overhead",  # bench/test_host_overhead.py
-          "test_serving"}  # bench/test_serving.py
+          "test_serving", "test_serving_vllm_workload"}  # bench/test_serving.py
 PUBLISHED = ("bench/cpu_results.md", "bench/cpu_results.png")  # tracked: rendered only when named
 
 
