@@ -110,7 +110,7 @@ def _check_layout(model: PreTrainedModel, config: PrefixTuningConfig,
     if config.encoder_decoder_placement != built.encoder_decoder_placement:
         raise ValueError(f"encoder_decoder_placement: the adapter's is {config.encoder_decoder_placement!r}, this "
                          f"model's adapters use {built.encoder_decoder_placement!r}; load it into a wrapper of its own")
-    if layout != built_layout:
+    if layout.slots != built_layout.slots:  # which table layer each attention reads (heads are the model's)
         raise ValueError(f"num_transformer_submodules: the adapter's is {config.num_transformer_submodules} (task_type "
                          f"{config.task_type!r}), this model's adapters use {built.num_transformer_submodules} "
                          f"(task_type {built.task_type!r}): other attentions would read its table layers; load it "

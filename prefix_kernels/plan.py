@@ -48,10 +48,10 @@ class PrefixPlan:
     # (`cu_seq_lens_q` / `cu_seq_lens_k`, `max_length_q` / `max_length_k`).
     paged: bool = False
 
-    # Each table layer's (keys, values), `[(N,) Hkv, P, D]` views of `kv`, split once per plan rather than per layer.
-    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = dataclasses.field(init=False, repr=False, compare=False)
-
     def __post_init__(self):
+        # `layers`: each table layer's (keys, values), `[(N,) Hkv, P, D]` views of `kv`, split once per plan rather
+        # than per attention layer. Not a field: `dataclasses.replace` (FSDP2 maps a call's keyword arguments
+        # through it) builds it again from the new `kv`.
         object.__setattr__(self, "layers", tuple(tuple(layer.unbind(0)) for layer in self.kv.unbind(0)))
 
     @property

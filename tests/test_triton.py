@@ -184,5 +184,9 @@ def test_softcap_keeps_the_precision_of_the_logits_at_every_cap(cap, sq):
         o = prefix_attention(*tensors, attention_mask=mask, softcap=cap, backend=backend)
         got = (o, *torch.autograd.grad(o, tensors, grad.float()))
         errors[backend] = [(g.double() - w.double()).abs().max().item() for g, w in zip(got, want)]
-    for name, ours, torch_error in zip(("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), *errors.values()):
-        assert ours <= 2 * torch_error + 1e-6, f"{name}: error {ours:.2e} > 2 x the torch backend's {torch_error:.2e}"
+    # a few float32 ulps of each result's largest value: the round-off any float32 computation of it carries
+    ulps = [8 * torch.finfo(torch.float32).eps * w.abs().max().item() for w in want]
+    for name, ours, torch_error, floor in zip(("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v"), *errors.values(),
+                                              ulps):
+        assert ours <= 2 * torch_error + floor, \
+            f"{name}: error {ours:.2e} > 2 x the torch backend's {torch_error:.2e} + {floor:.1e}"

@@ -22,6 +22,7 @@ batches (`torch_varlen`), so a call costs a few batched computations whatever th
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -396,6 +397,20 @@ def _batched_forward(p: AttentionProblem, with_lse: bool = True):
     return o, lse
 
 
+def _own_precision(fn):
+    """Run `fn` with autocast off: the backend computes in its accumulation dtype, whatever the caller's autocast
+    (the attention function has already cast q, k, v and the prefix to autocast's dtype, as SDPA does)."""
+    @functools.wraps(fn)
+    def run(p: AttentionProblem, *args, **kwargs):
+        device = p.q.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(p, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(p, *args, **kwargs)
+    return run
+
+
+@_own_precision
 def forward(p: AttentionProblem, with_lse: bool = True):
     """Backend "torch": (o `[B, Sq, Hq, D]` contiguous in q's dtype, lse `[B, Hq, Sq]` float32, or float64 for
     float64 inputs; lse may be None when not `with_lse`)."""
@@ -468,6 +483,7 @@ def _packed_backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: 
     return None if dq is None else dq[None].transpose(1, 2), dk, dv, dpk, dpv
 
 
+@_own_precision
 def backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):
     """Backend "torch": (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for."""
     run = _packed_backward if p.packed else _batched_backward
