@@ -40,6 +40,15 @@ def packed(sequences, flash_kwargs=False):
     return collate([{"input_ids": seq} for seq in sequences])
 
 
+def assert_each_sequence_equals_its_row(packed_logits, padded_logits, sequences):
+    """Packed logits `[1, total, V]`: each sequence's equal its padded row's real positions."""
+    start = 0
+    for row, seq in enumerate(sequences):
+        torch.testing.assert_close(packed_logits[0, start:start + len(seq)], padded_logits[row, :len(seq)],
+                                   atol=1e-5, rtol=1e-5)
+        start += len(seq)
+
+
 def grads(model):
     return {name: p.grad.clone() for name, p in model.prefix_encoders.named_parameters() if p.grad is not None}
 
@@ -57,11 +66,7 @@ def test_packed_equals_padded(model, flash_kwargs):
     assert batch["input_ids"].shape == (1, sum(LENGTHS))
     out = model(**batch)
     out.loss.backward()
-    start = 0
-    for row, seq in enumerate(sequences):
-        torch.testing.assert_close(out.logits[0, start:start + len(seq)], reference.logits[row, :len(seq)],
-                                   atol=1e-5, rtol=1e-5)
-        start += len(seq)
+    assert_each_sequence_equals_its_row(out.logits, reference.logits, sequences)
     torch.testing.assert_close(out.loss, reference.loss, atol=1e-6, rtol=1e-6)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-5)
@@ -130,11 +135,7 @@ def test_packed_keeps_the_sliding_window(name, flash_kwargs):
     model.zero_grad()
     out = model(**packed(sequences, flash_kwargs))
     out.loss.backward()
-    start = 0
-    for row, seq in enumerate(sequences):
-        torch.testing.assert_close(out.logits[0, start:start + len(seq)], reference.logits[row, :len(seq)],
-                                   atol=1e-5, rtol=1e-5)
-        start += len(seq)
+    assert_each_sequence_equals_its_row(out.logits, reference.logits, sequences)
     torch.testing.assert_close(model.prefix_encoders["default"].embedding.weight.grad, reference_grad,
                                atol=1e-6, rtol=1e-5)
 
