@@ -266,6 +266,22 @@ def _hidden_prefix(lengths: torch.Tensor, n_pre: int) -> torch.Tensor:
                    lambda: (torch.arange(n_pre, device=lengths.device) >= lengths[:, None])[:, None, None, :])
 
 
+def _hidden_keys(p: AttentionProblem, rows: _Rows, hidden_prefix: torch.Tensor | None) -> torch.Tensor:
+    """bool `[B, 1 or Hkv, 1 or M, P + Skv]`: the keys each row does not see, prefix past its length and sequence
+    keys its mask hides. Kept on the mask (every layer of a call gets the same) with the lengths it was made with."""
+    def build():
+        hidden = ~rows(p.mask)
+        prefix = hidden_prefix if hidden_prefix is not None else hidden.new_zeros(1, 1, 1, p.prefix_k.shape[-2])
+        shape = torch.broadcast_shapes(hidden.shape[:-1], prefix.shape[:-1])
+        return p.prefix_lengths, torch.cat([prefix.expand(*shape, -1), hidden.expand(*shape, -1)], dim=-1)
+
+    lengths_version = None if p.prefix_lengths is None or p.prefix_lengths.is_inference() \
+        else p.prefix_lengths._version
+    key = ("hidden keys", p.q.shape[1], p.q.shape[2], p.prefix_k.shape[-2], id(p.prefix_lengths), lengths_version)
+    lengths, hidden = derived(p.mask, key, build)
+    return hidden if lengths is p.prefix_lengths else build()[1]
+
+
 def _all_positive(lengths: torch.Tensor) -> bool:
     """Whether every row sees a prefix key (read on the host only for CPU tensors; elsewhere assume not)."""
     return lengths.device.type == "cpu" and derived(lengths, ("all positive",), lambda: bool((lengths > 0).all()))
@@ -309,13 +325,15 @@ def _joint_forward(p: AttentionProblem, with_lse: bool = True):
         s.tanh_().mul_(p.softcap)
     if p.bias is not None:
         s[..., n_pre + skv - p.bias.shape[-1]:] += rows(p.bias).to(acc)
-    if hidden_prefix is not None:
-        s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
     if p.window is not None or (p.causal and sq > 1):
+        if hidden_prefix is not None:
+            s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
         band = _band(sq, skv, q.device, p.window)[None, None]
         s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
-    elif p.mask is not None:
-        s[..., n_pre:].masked_fill_(derived(p.mask, ("hidden", hq, sq), lambda: ~rows(p.mask)), float("-inf"))
+    elif p.mask is not None:  # a decode step: one mask over [prefix ; sequence], kept for the call's other layers
+        s.masked_fill_(_hidden_keys(p, rows, hidden_prefix), float("-inf"))
+    elif hidden_prefix is not None:
+        s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
     lse = torch.logsumexp(s, dim=-1) if with_lse else None  # [B, Hkv, M]
     maybe_empty = not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths))
     empty = None if not maybe_empty else (lse if lse is not None else s.amax(-1)) == float("-inf")
