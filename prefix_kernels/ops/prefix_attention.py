@@ -168,10 +168,11 @@ def prefix_attention(
             `cu_seqlens_*` (int32 `[N + 1]`) are their offsets (0 first, the total last), `max_seqlen_*` (ints)
             the longest. Each sequence sees the whole prefix and, causally (bottom-right within the sequence), only
             its own keys. `prefix_index`, `prefix_lengths` and a per-row prefix then have one entry per sequence;
-            `attention_mask` and `attention_bias` are not taken.
+            `attention_mask` and `attention_bias` are not taken. As in FlashAttention, `max_seqlen_*` size the
+            Triton grid (capped by the totals): pass the real longest.
         return_lse: also return the natural-log log-sum-exp of each query row.
-        backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch; float64 always
-            torch; the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
+        backend: "torch", "triton", "cuda" or None (triton on CUDA when importable, else torch; float64 and
+            `window` always torch; the environment variable `PREFIX_KERNELS_BACKEND` overrides None).
 
     Mask contract for Sq = 3, Skv = 4, P = 2, causal (■ attends, ⬚ masked)::
 
@@ -180,7 +181,10 @@ def prefix_attention(
         query 1     ■ ■   | ■ ■ ■ ⬚
         query 2     ■ ■   | ■ ■ ■ ■
 
-    A query row that sees no key at all (P = 0, every sequence key masked) returns zeros and lse = -inf.
+    A query row that sees no key at all (P = 0, every sequence key masked) returns zeros and lse = -inf. Prefix
+    keys past a row's `prefix_lengths` are never read (NaN there changes nothing); sequence keys and values must be
+    finite (a masked one may still make rows NaN, as in SDPA). `scale` and `softcap` must be finite and positive,
+    `scale` at most 2**16.
 
     Returns:
         o `[B, Hq, Sq, D]` (packed: `[total_q, Hq, D]`) in q's dtype, and with `return_lse` also lse `[B, Hq, Sq]`
