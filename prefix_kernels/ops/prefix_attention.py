@@ -102,15 +102,46 @@ def _backward(ctx, d_o, d_lse):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _plain_call(p: AttentionProblem) -> bool:
-    """Whether a call can skip the custom op and its autograd: eager (not traced by torch.compile), plain tensors
-    (no fake, functional or distributed tensor subclass), and no gradient to record."""
+def _eager_call(p: AttentionProblem) -> str | None:
+    """How a call can skip the registered op, or None when it must take it (traced by torch.compile, or a tensor
+    subclass: fake, functional, distributed): "plain" with no gradient to record, "autograd" with one."""
     if torch.compiler.is_compiling():
-        return False
+        return None
+    recorded = False
     for t in (p.q, p.k, p.v, p.prefix_k, p.prefix_v):
-        if type(t) not in _PLAIN or (t.requires_grad and torch.is_grad_enabled()):
-            return False
-    return True
+        if type(t) not in _PLAIN:
+            return None
+        recorded = recorded or t.requires_grad
+    return "autograd" if recorded and torch.is_grad_enabled() else "plain"
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op for eager calls that record a gradient: the same backend forward and backward the registered op runs,
+    without the custom-op dispatch around them. Every tensor is saved with `save_for_backward`, so activation
+    checkpointing's hooks see them all."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem, backend: str):
+        check_values(p)
+        o, lse = dispatch.backend(backend).forward(p)
+        o, lse = o.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, p.prefix_index, p.prefix_lengths, p.mask, p.bias,
+                              p.cu_seqlens_q, p.cu_seqlens_k)
+        ctx.options = (p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, p.window, backend)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, d_o, d_lse):
+        q, k, v, prefix_k, prefix_v, o, lse, *rest = ctx.saved_tensors
+        *options, backend = ctx.options
+        p = _problem(q, k, v, prefix_k, prefix_v, *rest, *options)
+        need = ctx.needs_input_grad
+        dq, dk, dv, dpk, dpv = dispatch.backend(backend).backward(
+            p, o.transpose(1, 2), lse, d_o.contiguous().transpose(1, 2), need[0], need[1] or need[2],
+            need[3] or need[4])
+        return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                dpk if need[3] else None, dpv if need[4] else None, None, None)
 
 
 def prefix_attention(
@@ -212,9 +243,12 @@ def prefix_attention(
     name = dispatch.select_backend(backend, q.device, q.shape[-1], q.dtype, window=p.window)
     if name == "cuda":
         dispatch.backend("cuda").check(p)
-    if _plain_call(p):  # nothing to trace, no gradient to record: run the backend without the op's layers
+    eager = _eager_call(p)
+    if eager == "plain":  # nothing to trace, no gradient to record: run the backend without the op's layers
         check_values(p)
         o, lse = dispatch.backend(name).forward(p, with_lse=return_lse)
+    elif eager == "autograd":
+        o, lse = _EagerAttention.apply(p.q, p.k, p.v, p.prefix_k, p.prefix_v, p, name)
     else:
         o, lse = _attention(
             p.q, p.k, p.v, p.prefix_k, p.prefix_v, p.prefix_index, p.prefix_lengths, p.mask, p.bias,

@@ -257,7 +257,8 @@ JOINT_MAX_LOGITS = 1 << 19
 
 def _takes_joint(p: AttentionProblem) -> bool:
     b, hq, sq, _ = p.q.shape
-    return b * hq * sq * (p.prefix_k.shape[-2] + p.k.shape[2]) <= JOINT_MAX_LOGITS
+    n_keys = p.prefix_k.shape[-2] + p.k.shape[2]
+    return 0 < n_keys and b * hq * sq * n_keys <= JOINT_MAX_LOGITS
 
 
 def _hidden_prefix(lengths: torch.Tensor, n_pre: int) -> torch.Tensor:
@@ -334,10 +335,16 @@ def _joint_forward(p: AttentionProblem, with_lse: bool = True):
         s.masked_fill_(_hidden_keys(p, rows, hidden_prefix), float("-inf"))
     elif hidden_prefix is not None:
         s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1) if with_lse else None  # [B, Hkv, M]
     maybe_empty = not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths))
-    empty = None if not maybe_empty else (lse if lse is not None else s.amax(-1)) == float("-inf")
-    probs = torch.softmax(s, dim=-1).view(b * hkv, m, n_pre + skv)
+    top = s.amax(-1) if with_lse or maybe_empty else None  # [B, Hkv, M]
+    empty = None if not maybe_empty else top == float("-inf")
+    probs = torch.softmax(s, dim=-1)
+    lse = None
+    if with_lse:  # the largest probability is exp(top - lse): cheaper than a second pass of logsumexp
+        lse = top - probs.amax(-1).log_()
+        if empty is not None:
+            lse.masked_fill_(empty, float("-inf"))
+    probs = probs.view(b * hkv, m, n_pre + skv)
     o = torch.bmm(probs[..., n_pre:], v.reshape(b * hkv, skv, d))  # [B * Hkv, M, D]
     if p.shared_prefix:
         folded_probs = probs[..., :n_pre].view(b, hkv, m, n_pre).transpose(0, 1).reshape(hkv, b * m, n_pre)
