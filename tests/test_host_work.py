@@ -61,7 +61,7 @@ def decode_problem(kind: str):
 
 # (ATen calls, Python frames) at most, per no-grad decode call, after the first call of a plan has checked its
 # index, lengths and mask.
-BOUNDS = {"shared": (40, 40), "bank": (36, 54)}
+BOUNDS = {"shared": (36, 40), "bank": (28, 66)}
 
 
 @pytest.mark.parametrize("kind", BOUNDS)

@@ -147,6 +147,25 @@ def test_prefix_padding_is_never_read(backend, sq):
         torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
 
 
+def test_padding_poisoned_in_place_after_a_call_is_never_read():
+    """A call learns once per version of a table that all its values are finite (then masking a row's logits is
+    enough); NaN written into the padding in place afterwards, through the table the per-layer views come from,
+    still changes nothing."""
+    tensors, mask, index = make_inputs(3, 4, 2, 1, 9, 6, 16, "bank", "padding", dtype=torch.float32)
+    q, k, v = tensors[:3]
+    table = torch.stack([tensors[3].detach(), tensors[4].detach()])  # [2, N, Hkv, P, D], as a model's table
+    lengths = torch.tensor([6, 2, 0])
+    with torch.no_grad():
+        def call():
+            return prefix_attention(q, k, v, *table.unbind(0), attention_mask=mask, prefix_index=index,
+                                    prefix_lengths=lengths, backend="torch")
+        clean = call()
+        table[:, 0, :, 2:] = float("nan")  # entry 0: row 1's, length 2
+        dirty = call()
+    assert dirty.isfinite().all()
+    torch.testing.assert_close(dirty, clean, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_largest_scale_taken_stays_finite(backend):
     """At the largest `scale` the op takes, logits in the tens of thousands: the output (a near one-hot softmax)

@@ -267,25 +267,31 @@ def _hidden_prefix(lengths: torch.Tensor, n_pre: int) -> torch.Tensor:
                    lambda: (torch.arange(n_pre, device=lengths.device) >= lengths[:, None])[:, None, None, :])
 
 
-def _hidden_keys(p: AttentionProblem, rows: _Rows, hidden_prefix: torch.Tensor | None) -> torch.Tensor:
-    """bool `[B, 1 or Hkv, 1 or M, P + Skv]`: the keys each row does not see, prefix past its length and sequence
-    keys its mask hides. Kept on the mask (every layer of a call gets the same) with the lengths it was made with."""
+def _minus_inf(t: torch.Tensor, hidden, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
+    """`hidden()`, a bool `[B|1, 1|Hkv, 1|M, N]` (True: the key is not seen), as the additive `[B * Hkv, 1|M, N]`
+    (-inf where hidden, else 0) that `baddbmm` adds to grouped logits; kept on `t`, the tensor it is made from."""
     def build():
-        hidden = ~rows(p.mask)
-        prefix = hidden_prefix if hidden_prefix is not None else hidden.new_zeros(1, 1, 1, p.prefix_k.shape[-2])
-        shape = torch.broadcast_shapes(hidden.shape[:-1], prefix.shape[:-1])
-        return p.prefix_lengths, torch.cat([prefix.expand(*shape, -1), hidden.expand(*shape, -1)], dim=-1)
-
-    lengths_version = None if p.prefix_lengths is None or p.prefix_lengths.is_inference() \
-        else p.prefix_lengths._version
-    key = ("hidden keys", p.q.shape[1], p.q.shape[2], p.prefix_k.shape[-2], id(p.prefix_lengths), lengths_version)
-    lengths, hidden = derived(p.mask, key, build)
-    return hidden if lengths is p.prefix_lengths else build()[1]
+        hide = hidden()
+        bias = torch.zeros(hide.shape, dtype=dtype, device=hide.device).masked_fill_(hide, float("-inf"))
+        bias = bias.expand(rows.b, rows.hkv, -1, -1)
+        return bias.reshape(rows.b * rows.hkv, *bias.shape[2:])
+    return derived(t, ("minus inf", rows.b, rows.hq, rows.sq, dtype), build)
 
 
 def _all_positive(lengths: torch.Tensor) -> bool:
     """Whether every row sees a prefix key (read on the host only for CPU tensors; elsewhere assume not)."""
     return lengths.device.type == "cpu" and derived(lengths, ("all positive",), lambda: bool((lengths > 0).all()))
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite, read once per version for CPU tensors (elsewhere assume not: the host
+    does not wait for a device). Kept on the tensor `t` is a view of, when it is one: a model call splits its
+    tables into per-layer views afresh."""
+    if t.device.type != "cpu":
+        return False
+    table = t if t._base is None else t._base
+    view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    return derived(table, ("finite",) + view, lambda: bool(torch.isfinite(t).all()))
 
 
 def _joint_forward(p: AttentionProblem, with_lse: bool = True):
@@ -294,8 +300,10 @@ def _joint_forward(p: AttentionProblem, with_lse: bool = True):
 
     Rows are grouped (the G query heads of a KV head stacked, M = G * Sq), so each key is read once per group, and
     every product is one `bmm` over 3-D views of the scaled queries. A shared prefix is read as `[Hkv, P, D]` against
-    all B * M rows of a head at once, never expanded per row; a bank's rows are gathered, their values zeroed past
-    each row's length, so padding is never read, whatever it holds.
+    all B * M rows of a head at once, never expanded per row; a bank's rows are gathered. Keys a row does not see
+    get -inf logits: without a causal band or soft cap, added by the logits' own `baddbmm` (a mask kept for the
+    call's other layers); prefix keys past a row's length that are not finite are masked after, and their values
+    zeroed, so padding is never read, whatever it holds.
     """
     b, hq, sq, d = p.q.shape
     hkv, skv, n_pre = p.k.shape[1], p.k.shape[2], p.prefix_k.shape[-2]
@@ -308,8 +316,16 @@ def _joint_forward(p: AttentionProblem, with_lse: bool = True):
     q3 = q.reshape(b * hkv, m, d)
     scale = p.scale if p.softcap is None else p.scale / p.softcap
     hidden_prefix = None if p.prefix_lengths is None else _hidden_prefix(p.prefix_lengths, n_pre)  # [B, 1, 1, P]
+    banded = p.window is not None or (p.causal and sq > 1)
+    additive = p.softcap is None and not banded  # masks go into the logits' baddbmm (finite keys: -inf + x = -inf)
+    seq_mask = pre_mask = None
+    if additive and p.mask is not None:
+        seq_mask = _minus_inf(p.mask, lambda: ~rows(p.mask), rows, acc)
+    if additive and hidden_prefix is not None and _finite(p.prefix_k):
+        pre_mask = _minus_inf(hidden_prefix, lambda: hidden_prefix, rows, acc)
     unused = q.new_empty(())  # baddbmm's input, ignored with beta=0: the product is only scaled
-    s_seq = torch.baddbmm(unused, q3, k.reshape(b * hkv, skv, d).transpose(1, 2), beta=0, alpha=scale)
+    s_seq = torch.baddbmm(unused if seq_mask is None else seq_mask, q3, k.reshape(b * hkv, skv, d).transpose(1, 2),
+                          beta=0 if seq_mask is None else 1, alpha=scale)
     if p.shared_prefix:  # [Hkv, B * M, D] @ [Hkv, D, P]
         folded_q = q.transpose(0, 1).reshape(hkv, b * m, d)
         s_pre = torch.baddbmm(unused, folded_q, pk.transpose(1, 2), beta=0, alpha=scale)
@@ -317,24 +333,24 @@ def _joint_forward(p: AttentionProblem, with_lse: bool = True):
     else:
         if p.prefix_index is not None:
             pk, pv = pk.index_select(0, p.prefix_index), pv.index_select(0, p.prefix_index)
-        if hidden_prefix is not None:
+        if hidden_prefix is not None and not _finite(p.prefix_v):
             pv = pv.masked_fill(hidden_prefix.transpose(-1, -2), 0.0)
-        s_pre = torch.baddbmm(unused, q3, pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0, alpha=scale)
+        s_pre = torch.baddbmm(unused if pre_mask is None else pre_mask, q3,
+                              pk.reshape(b * hkv, n_pre, d).transpose(1, 2), beta=0 if pre_mask is None else 1,
+                              alpha=scale)
         s_pre = s_pre.view(b, hkv, m, n_pre)
     s = torch.cat([s_pre, s_seq.view(b, hkv, m, skv)], dim=-1)  # [B, Hkv, M, P + Skv], the scaled logits
     if p.softcap is not None:
         s.tanh_().mul_(p.softcap)
     if p.bias is not None:
         s[..., n_pre + skv - p.bias.shape[-1]:] += rows(p.bias).to(acc)
-    if p.window is not None or (p.causal and sq > 1):
-        if hidden_prefix is not None:
-            s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
+    if hidden_prefix is not None and pre_mask is None:
+        s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
+    if banded:
         band = _band(sq, skv, q.device, p.window)[None, None]
         s[..., n_pre:].masked_fill_(~rows(band if p.mask is None else p.mask & band), float("-inf"))
-    elif p.mask is not None:  # a decode step: one mask over [prefix ; sequence], kept for the call's other layers
-        s.masked_fill_(_hidden_keys(p, rows, hidden_prefix), float("-inf"))
-    elif hidden_prefix is not None:
-        s[..., :n_pre].masked_fill_(hidden_prefix, float("-inf"))
+    elif p.mask is not None and seq_mask is None:
+        s[..., n_pre:].masked_fill_(~rows(p.mask), float("-inf"))
     maybe_empty = not n_pre or (p.prefix_lengths is not None and not _all_positive(p.prefix_lengths))
     top = s.amax(-1) if with_lse or maybe_empty else None  # [B, Hkv, M]
     empty = None if not maybe_empty else top == float("-inf")
