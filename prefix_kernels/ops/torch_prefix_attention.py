@@ -112,11 +112,17 @@ def _prefix_part(p: AttentionProblem) -> _Part:
     return _Part(p.prefix_k, p.prefix_v, p.prefix_index, False, visible, p.prefix_bias, empty, hidden)
 
 
-def _merge(o_seq, lse_seq, o_pre, lse_pre):
-    """Combine two partial attentions by their LSE; rows that see no key at all get o = 0, lse = -inf."""
+def _merge(o_seq, lse_seq, o_pre, lse_pre, dtype: torch.dtype):
+    """(o `[B, Sq, Hq, D]` contiguous in `dtype`, lse): two partial attentions `[B, Hq, Sq, D]` (fresh tensors)
+    combined by their LSE; rows that see no key at all get o = 0, lse = -inf. Combined in place in `o_seq`, which
+    is returned as it is when its memory is already laid out `[B, Sq, Hq, D]` (the flash kernel's output), saving
+    a pass over the output and its allocation."""
     lse = torch.logaddexp(lse_seq, lse_pre)
     w_pre = torch.exp(lse_pre - lse).nan_to_num_(0.0)
-    return torch.lerp(o_seq, o_pre, w_pre[..., None]), lse
+    merged = o_seq.lerp_(o_pre, w_pre[..., None]).transpose(1, 2)
+    if merged.dtype == dtype and merged.is_contiguous():
+        return merged, lse
+    return merged.to(dtype).contiguous(), lse
 
 
 class _Rows:
@@ -428,14 +434,10 @@ def _batched_forward(p: AttentionProblem, with_lse: bool = True):
     anyway) of a batched (not packed) problem."""
     if _takes_joint(p):
         return _joint_forward(p, with_lse)
-    b, hq, sq, d = p.q.shape
     flash = _uses_flash(p)
     o_seq, lse_seq = _part_forward(p, _sequence_part(p, flash), flash)
     o_pre, lse_pre = _part_forward(p, _prefix_part(p), flash)
-    merged, lse = _merge(o_seq, lse_seq, o_pre, lse_pre)
-    o = p.q.new_empty(b, sq, hq, d)
-    o.transpose(1, 2).copy_(merged)
-    return o, lse
+    return _merge(o_seq, lse_seq, o_pre, lse_pre, p.q.dtype)
 
 
 def _own_precision(fn):
