@@ -32,7 +32,7 @@ CALLS_PER_ROUND = {"smoke": 2, "cpu": 200, "cuda": 200}[SIZE]
 ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (15, 3), "cuda": (15, 3)}[SIZE]
 LENGTHS = (16, 32, 48, 64)  # the bank's adapters
 GENERATE = {"smoke": (2, 8, 2), "cpu": (8, 40, 48), "cuda": (8, 40, 48)}[SIZE]  # (rows, prompt, new tokens)
-GEN_ROUNDS, GEN_WARMUP = {"smoke": (1, 0), "cpu": (5, 1), "cuda": (5, 1)}[SIZE]
+GEN_ROUNDS, GEN_WARMUP = {"smoke": (1, 0), "cpu": (11, 1), "cuda": (5, 1)}[SIZE]
 OP_GROUP = f"op host overhead decode B={B} Hq={HQ} Hkv={HKV} Skv={SKV} D={D}"
 
 

@@ -18,7 +18,7 @@ from models import SHAPES, contenders, generate_peft_cache
 
 P = {"smoke": 4, "cpu": 128, "cuda": 128}[SIZE]
 GENERATE = {"smoke": (2, 16, 4), "cpu": (32, 512, 32), "cuda": (32, 2048, 128)}[SIZE]  # (B, prompt, new tokens)
-ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (3, 1), "cuda": (5, 1)}[SIZE]
+ROUNDS, WARMUP = {"smoke": (1, 0), "cpu": (5, 1), "cuda": (5, 1)}[SIZE]
 MODEL = "Llama L={num_hidden_layers} hidden={hidden_size} Hq={num_attention_heads} Hkv={num_key_value_heads}".format(
     **SHAPES[SIZE])
 
