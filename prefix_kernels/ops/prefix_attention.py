@@ -2,7 +2,10 @@
 
 The computation is the PyTorch custom op `prefix_kernels::attention` (with `prefix_kernels::attention_backward`
 as its registered autograd), so `torch.compile` and CUDA graphs see one opaque op per call, with fake (shape-only)
-implementations for tracing. Inside it the chosen backend runs; nothing in this file reads tensor values.
+implementations for tracing. Eager calls on plain tensors skip the op's dispatch layers, which cost more host time
+than a small decode step's arithmetic: without a gradient to record the backend runs directly, and with one
+through `_EagerAttention`, an autograd Function over the same backend forward and backward. Nothing in this file
+reads tensor values.
 """
 
 import torch

@@ -1,8 +1,8 @@
 """Backend "torch": prefix attention in pure PyTorch — the CPU path, and the backend any device can run.
 
 Attention over `[prefix ; sequence]` is two attentions that share one softmax. Each part (the prefix keys, the
-sequence keys) yields an output and its log-sum-exp (LSE); the outputs are merged by their LSE weights. The keys
-and values are never concatenated, and a shared prefix is never copied per row.
+sequence keys) yields an output and its log-sum-exp (LSE); the outputs are merged by their LSE weights, in place in
+the sequence part's output. The keys and values are never concatenated, and a shared prefix is never copied per row.
 
 On CPU each part is one call of PyTorch's fused flash kernel: causal with a key-padding mask stays the kernel's
 own causal mode (key blocks past the diagonal are skipped), a shared prefix enters as a batch-stride-0 view, and
@@ -16,8 +16,9 @@ kernel's, or the same formula in matmuls, `dS = P * (dP - rowsum(dO * O))`) yiel
 dQ and its own dK, dV.
 
 Small problems (a decode step of a small model: few query rows, a short cache) are bound by host work, not
-arithmetic: there the forward is one joint softmax over the logits of both parts (`_joint_forward`, about a dozen
-ATen calls in all), with no second attention call and no merge. Packed sequences are gathered into left-padded
+arithmetic: there the forward is one joint softmax over the logits of both parts (`_joint_forward`, ten compute
+ATen calls for a decode step), with no second attention call and no merge. Masks enter as -inf added by the logits'
+own `baddbmm`, made once per mask for the call's other layers. Packed sequences are gathered into left-padded
 batches (`torch_varlen`), so a call costs a few batched computations whatever the number of sequences.
 """
 
