@@ -400,7 +400,7 @@ class PrefixModel(nn.Module):
             # training: a bank of the call's adapters only, so no other adapter is handed a gradient
             tables = {name: self._layout.whole_gradient(self.prefix_encoders[name]()).to(dtype)
                       for name in dict.fromkeys(names)}
-            return bank_plan(tables, names, self._layout, next(iter(tables.values())).device)
+            return bank_plan(tables, names, self._layout)
         return self._served_bank(dtype).plan(names, self._layout)
 
     def _served_bank(self, dtype: torch.dtype) -> ServedBank:
@@ -411,8 +411,7 @@ class PrefixModel(nn.Module):
         A change is seen through PyTorch's version counter (optimizer steps, `load_state_dict`, in-place edits under
         `torch.no_grad()`) and the parameters' storage; an in-place write through `.data` bypasses the counter and
         is not seen."""
-        key = (dtype, tuple((name, id(encoder), tuple((p.data_ptr(), p._version) for p in encoder.parameters()))
-                            for name, encoder in self.prefix_encoders.items()))
+        key = (dtype, tuple((name, weights_key(encoder)) for name, encoder in self.prefix_encoders.items()))
         bank = self.__dict__.get("_bank")
         if bank is None or bank.key != key:
             with torch.no_grad():
@@ -621,6 +620,13 @@ class PrefixModel(nn.Module):
         """PEFT's and older transformers' name for `activation_checkpointing_enable`."""
         options = _non_reentrant("gradient_checkpointing_kwargs", gradient_checkpointing_kwargs)
         self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+
+def weights_key(encoder: torch.nn.Module) -> tuple:
+    """What tells one state of an adapter's weights from another: the encoder, and each parameter's storage and
+    version counter (bumped by optimizer steps, `load_state_dict` and in-place edits; not by writes through
+    `.data`)."""
+    return (id(encoder), *((p.data_ptr(), p._version) for p in encoder.parameters()))
 
 
 def forward_view(model: PreTrainedModel, forward, signature: inspect.Signature) -> PreTrainedModel:

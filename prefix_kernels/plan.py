@@ -83,19 +83,10 @@ def stack_bank(tables: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([nn.functional.pad(table, (0, 0, 0, longest - table.shape[3])) for table in tables], dim=2)
 
 
-def bank_plan(tables: dict[str, torch.Tensor], names: Sequence[str], layout: PrefixLayout,
-              device: torch.device) -> PrefixPlan:
+def bank_plan(tables: dict[str, torch.Tensor], names: Sequence[str], layout: PrefixLayout) -> PrefixPlan:
     """The plan of a call whose rows read the adapters `names` (one per row) from `tables` (name ->
-    `[L, 2, Hkv, P_a, D]`): one bank, zero-padded to the longest P, read by index."""
-    distinct = list(dict.fromkeys(names))
-    row_lengths = tuple(tables[name].shape[3] for name in names)
-    bank = stack_bank([tables[name] for name in distinct])
-    index = torch.tensor([distinct.index(name) for name in names], device=device)
-    lengths = None
-    if len(set(row_lengths)) > 1:
-        lengths = torch.tensor(row_lengths, device=device)
-    return PrefixPlan(kv=bank, layout=layout, row_lengths=row_lengths if lengths is not None else row_lengths[:1],
-                      index=index, lengths=lengths)
+    `[L, 2, Hkv, P_a, D]`): one bank of just those adapters, zero-padded to the longest P, read by index."""
+    return ServedBank.of({name: tables[name] for name in dict.fromkeys(names)}, ()).plan(names, layout)
 
 
 @dataclass(frozen=True)

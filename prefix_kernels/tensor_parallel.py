@@ -150,15 +150,16 @@ def _kind(model, plan: dict[str, str], name: str, attention: nn.Module) -> str:
     """"sharded" (whole KV heads per rank) or "replicated" (every head on every rank); refuse anything else."""
     styles = {child: style for child, _ in attention.named_children()
               if (style := _style(plan, f"{name}.{child}")) is not None}
-    if all(style in REPLICATED for style in styles.values()) and not _dtensor_params(attention, set(styles)):
+    sharded_outside = _dtensor_params(attention, set(styles))
+    if all(style in REPLICATED for style in styles.values()) and not sharded_outside:
         return "replicated"
     projections = {child: style for child, style in styles.items() if child in SHARDED}
     others = {child: style for child, style in styles.items() if child not in SHARDED}
     keys = "k_proj" in projections or not hasattr(attention, "k_proj")  # KV-sharing layers have none
     if "q_proj" in projections and keys and all(SHARDED[c] == s for c, s in projections.items()) \
-            and all(s in SHARDED_OTHERS for s in others.values()) and not _dtensor_params(attention, set(styles)):
+            and all(s in SHARDED_OTHERS for s in others.values()) and not sharded_outside:
         return "sharded"
-    outside = " and weights sharded outside the plan" if _dtensor_params(attention, set(styles)) else ""
+    outside = " and weights sharded outside the plan" if sharded_outside else ""
     raise ValueError(f"model: {model.config.model_type}'s tensor-parallel plan shards {name} as {styles}{outside}, "
                      "where prefix_kernels cannot tell which KV heads each rank holds; expected q_proj/k_proj/v_proj "
                      "'colwise' and the output projection 'rowwise' (each rank holds whole KV heads), or every "

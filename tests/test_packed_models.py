@@ -149,10 +149,7 @@ def test_cu_seq_lens_k_alone_is_honoured(model):
         out = model(input_ids=batch["input_ids"], cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
         ones = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]),
                      cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"]).logits
-    start = 0
-    for row, seq in enumerate(sequences):
-        torch.testing.assert_close(out[0, start:start + len(seq)], reference[row, :len(seq)], atol=1e-5, rtol=1e-5)
-        start += len(seq)
+    assert_each_sequence_equals_its_row(out, reference, sequences)
     torch.testing.assert_close(ones, out, atol=0, rtol=0)
 
 

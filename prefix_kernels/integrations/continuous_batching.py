@@ -52,7 +52,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import ContinuousBatchingManager, ContinuousMixin
 
-from ..models import forward_view
+from ..models import forward_view, weights_key
 from ..plan import PrefixPlan, stack_bank
 from .attention_interface import ATTENTION_NAME, EAGER_NAME
 
@@ -110,7 +110,7 @@ class _Adapters:
     def version(self, name: str) -> _Version:
         """The version of adapter `name` a request added now reads: its current weights."""
         encoder = self.model.prefix_encoders[name]
-        fingerprint = (id(encoder), *((id(p), p._version) for p in encoder.parameters()))  # in-place edits bump
+        fingerprint = weights_key(encoder)
         with self.lock:
             known = self.current.get(name)
         if known is not None and known[0] == fingerprint:

@@ -31,6 +31,47 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _run_forward(p: AttentionProblem, backend: str, with_lse: bool = True):
+    """The value checks, then the backend's forward: (o `[B, Sq, Hq, D]` contiguous, lse `[B, Hq, Sq]` contiguous
+    in its dtype, or None when not `with_lse` and the backend did not compute it)."""
+    check_values(p)
+    o, lse = dispatch.backend(backend).forward(p, with_lse=with_lse)
+    return o.contiguous(), None if lse is None else lse.to(_lse_dtype(p.q)).contiguous()
+
+
+def _save(ctx, q, k, v, prefix_k, prefix_v, o, lse, others: tuple, options: tuple) -> None:
+    """What the backward needs, kept alike by both autograd paths: every tensor through `save_for_backward` (so
+    activation checkpointing's hooks see them all), `others` being the problem's optional tensors (bank index,
+    lengths, mask, bias, packed offsets) and `options` its other fields and the backend's name."""
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, *others)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)
+
+
+def _backend_backward(d_o, saved: tuple, options: tuple, need_dq: bool, need_dkv: bool, need_dprefix: bool):
+    """The backend's (dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), None where not asked for, from what
+    `_save` kept; `d_o` and the saved o are `[B, Sq, Hq, D]`."""
+    q, k, v, prefix_k, prefix_v, o, lse, *others = saved
+    *fields, backend = options
+    p = _problem(q, k, v, prefix_k, prefix_v, *others, *fields)
+    return dispatch.backend(backend).backward(p, o.transpose(1, 2), lse, d_o.transpose(1, 2), need_dq, need_dkv,
+                                              need_dprefix)
+
+
+def _needed(ctx) -> tuple[bool, bool, bool]:
+    """(need dq, need dk or dv, need a prefix gradient) of a backward."""
+    need = ctx.needs_input_grad
+    return need[0], need[1] or need[2], need[3] or need[4]
+
+
+def _asked(ctx, dq, dk, dv, dpk, dpv) -> tuple:
+    """The gradients of q, k, v, prefix_k, prefix_v as autograd takes them: dq back to `[B, Hq, Sq, D]`, None for
+    each input that needs none."""
+    need = ctx.needs_input_grad
+    return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            dpk if need[3] else None, dpv if need[4] else None)
+
+
 @torch.library.custom_op("prefix_kernels::attention", mutates_args=())
 def _attention(
     q: _Tensor, k: _Tensor, v: _Tensor, prefix_k: _Tensor, prefix_v: _Tensor, prefix_index: _MaybeTensor,
@@ -41,9 +82,7 @@ def _attention(
     """(o `[B, Sq, Hq, D]` contiguous, lse `[B, Hq, Sq]`) of the checked inputs (see `AttentionProblem`)."""
     p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
                  max_seqlen_q, max_seqlen_k, causal, scale, softcap, window)
-    check_values(p)
-    o, lse = dispatch.backend(backend).forward(p)
-    return o.contiguous(), lse.to(_lse_dtype(q)).contiguous()  # the layouts the fake implementation promises
+    return _run_forward(p, backend)  # the layouts the fake implementation promises
 
 
 @_attention.register_fake
@@ -63,10 +102,10 @@ def _attention_backward(
 ) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
     """(dq `[B, Sq, Hq, D]`, dk, dv, d prefix_k, d prefix_v), all contiguous; an empty tensor for each gradient
     not asked for. `d_o` and `o` are `[B, Sq, Hq, D]`, as the forward returns o."""
-    p = _problem(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
-                 max_seqlen_q, max_seqlen_k, causal, scale, softcap, window)
-    grads = dispatch.backend(backend).backward(p, o.transpose(1, 2), lse, d_o.transpose(1, 2), need_dq, need_dkv,
-                                               need_dprefix)
+    grads = _backend_backward(d_o, (q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
+                                    cu_seqlens_q, cu_seqlens_k),
+                              (max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend), need_dq,
+                              need_dkv, need_dprefix)
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
@@ -86,20 +125,14 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k,
      max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend) = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, prefix_index, prefix_lengths, mask, bias,
-                          cu_seqlens_q, cu_seqlens_k)
-    ctx.options = (max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend)
-    ctx.mark_non_differentiable(lse)
+    _save(ctx, q, k, v, prefix_k, prefix_v, o, lse,
+          (prefix_index, prefix_lengths, mask, bias, cu_seqlens_q, cu_seqlens_k),
+          (max_seqlen_q, max_seqlen_k, causal, scale, softcap, window, backend))
 
 
 def _backward(ctx, d_o, d_lse):
-    q, k, v, prefix_k, prefix_v, o, lse, *rest = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_dq, need_dkv, need_dprefix = need[0], need[1] or need[2], need[3] or need[4]
-    dq, dk, dv, dpk, dpv = _attention_backward(d_o, q, k, v, prefix_k, prefix_v, o, lse, *rest, *ctx.options,
-                                               need_dq, need_dkv, need_dprefix)
-    return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            dpk if need[3] else None, dpv if need[4] else None) + (None,) * 13
+    grads = _attention_backward(d_o, *ctx.saved_tensors, *ctx.options, *_needed(ctx))
+    return _asked(ctx, *grads) + (None,) * 13
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -125,26 +158,16 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, p: AttentionProblem, backend: str):
-        check_values(p)
-        o, lse = dispatch.backend(backend).forward(p)
-        o, lse = o.contiguous(), lse.to(_lse_dtype(q)).contiguous()
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, p.prefix_index, p.prefix_lengths, p.mask, p.bias,
-                              p.cu_seqlens_q, p.cu_seqlens_k)
-        ctx.options = (p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, p.window, backend)
-        ctx.mark_non_differentiable(lse)
+        o, lse = _run_forward(p, backend)
+        _save(ctx, q, k, v, prefix_k, prefix_v, o, lse,
+              (p.prefix_index, p.prefix_lengths, p.mask, p.bias, p.cu_seqlens_q, p.cu_seqlens_k),
+              (p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, p.window, backend))
         return o, lse
 
     @staticmethod
     def backward(ctx, d_o, d_lse):
-        q, k, v, prefix_k, prefix_v, o, lse, *rest = ctx.saved_tensors
-        *options, backend = ctx.options
-        p = _problem(q, k, v, prefix_k, prefix_v, *rest, *options)
-        need = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = dispatch.backend(backend).backward(
-            p, o.transpose(1, 2), lse, d_o.contiguous().transpose(1, 2), need[0], need[1] or need[2],
-            need[3] or need[4])
-        return (dq.transpose(1, 2) if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                dpk if need[3] else None, dpv if need[4] else None, None, None)
+        grads = _backend_backward(d_o.contiguous(), ctx.saved_tensors, ctx.options, *_needed(ctx))
+        return _asked(ctx, *grads) + (None, None)
 
 
 def prefix_attention(
@@ -248,8 +271,7 @@ def prefix_attention(
         dispatch.backend("cuda").check(p)
     eager = _eager_call(p)
     if eager == "plain":  # nothing to trace, no gradient to record: run the backend without the op's layers
-        check_values(p)
-        o, lse = dispatch.backend(name).forward(p, with_lse=return_lse)
+        o, lse = _run_forward(p, name, with_lse=return_lse)
     elif eager == "autograd":
         o, lse = _EagerAttention.apply(p.q, p.k, p.v, p.prefix_k, p.prefix_v, p, name)
     else:
@@ -258,5 +280,5 @@ def prefix_attention(
             p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.causal, p.scale, p.softcap, p.window,
             name,
         )
-    o, lse = (o[0], lse[0]) if p.packed else (o.transpose(1, 2), lse)
+    o, lse = (o[0], None if lse is None else lse[0]) if p.packed else (o.transpose(1, 2), lse)
     return (o, lse.detach().float()) if return_lse else o

@@ -121,9 +121,7 @@ def _merge(o_seq, lse_seq, o_pre, lse_pre, dtype: torch.dtype):
     lse = torch.logaddexp(lse_seq, lse_pre)
     w_pre = torch.exp(lse_pre - lse).nan_to_num_(0.0)
     merged = o_seq.lerp_(o_pre, w_pre[..., None]).transpose(1, 2)
-    if merged.dtype == dtype and merged.is_contiguous():
-        return merged, lse
-    return merged.to(dtype).contiguous(), lse
+    return merged.to(dtype).contiguous(), lse  # itself when already in `dtype` and laid out so
 
 
 class _Rows:
@@ -465,12 +463,13 @@ def forward(p: AttentionProblem, with_lse: bool = True):
             return p.q.new_zeros(b, sq, hq, d), p.q.new_full((b, hq, sq), float("-inf"), dtype=acc)
         return _batched_forward(p, with_lse)
     o = p.q.new_zeros(sq, hq, d)  # packed: token-major
-    lse = p.q.new_full((sq, hq), float("-inf"), dtype=acc)
+    lse = p.q.new_full((sq, hq), float("-inf"), dtype=acc) if with_lse else None
     for batch in torch_varlen.batches(p):
-        o_b, lse_b = _batched_forward(batch.problem(p))
+        o_b, lse_b = _batched_forward(batch.problem(p), with_lse)
         batch.unpad(o_b, batch.src_q, batch.dest_q, o)
-        batch.unpad(lse_b.transpose(1, 2), batch.src_q, batch.dest_q, lse)
-    return o[None], lse.t()[None]
+        if with_lse:
+            batch.unpad(lse_b.transpose(1, 2), batch.src_q, batch.dest_q, lse)
+    return o[None], None if lse is None else lse.t()[None]
 
 
 def _batched_backward(p: AttentionProblem, o, lse, d_o, need_dq: bool, need_dkv: bool, need_dprefix: bool):

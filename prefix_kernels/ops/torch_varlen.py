@@ -39,9 +39,9 @@ class Batch:
     dest_k: torch.Tensor
     keys: torch.Tensor  # bool [n, 1, 1, Mk]: the real keys
 
-    def pad(self, t: torch.Tensor, src: torch.Tensor, dest: torch.Tensor, length: int, fill: float = 0.0):
-        """Token-major `t` `[T, ...]` -> `[n, length, ...]`, each sequence's tokens last, `fill` before them."""
-        padded = t.new_full((self.rows.shape[0] * length, *t.shape[1:]), fill)
+    def pad(self, t: torch.Tensor, src: torch.Tensor, dest: torch.Tensor, length: int):
+        """Token-major `t` `[T, ...]` -> `[n, length, ...]`, each sequence's tokens last, zeros before them."""
+        padded = t.new_zeros((self.rows.shape[0] * length, *t.shape[1:]))
         return padded.index_copy_(0, dest, t.index_select(0, src)).view(self.rows.shape[0], length, *t.shape[1:])
 
     def unpad(self, t: torch.Tensor, src: torch.Tensor, dest: torch.Tensor, into: torch.Tensor) -> None:
